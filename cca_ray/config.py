@@ -1,0 +1,318 @@
+"""Typed, validated run configuration: the one home of every field.
+
+A run's config is built in layers, each validated as a whole at the end:
+
+    section defaults  <-  preset YAML (``cca_ray/presets/<name>.yaml``)
+                      <-  ``--config FILE.yaml``  <-  dotted ``key=value`` overrides
+
+Presets and tune spaces name fields by their dotted path (``train.lam``); a test
+loads every preset and every tune space so a renamed field breaks loudly.
+"""
+
+from __future__ import annotations
+
+import copy
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PRESET_DIR = resources.files("cca_ray") / "presets"
+
+
+class ConfigError(ValueError):
+    """A config problem a user can fix; the message names the field or file."""
+
+
+class _Section(BaseModel):
+    # extra="forbid": a typo in a key is an error, not a silently ignored setting.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Where images and conditions come from and how shards are written (stage `prepare`)."""
+
+    source: Literal["sklearn-digits", "mnist", "parquet", "folder"] = "sklearn-digits"
+    path: str | None = Field(None, description="parquet file/dir or image folder, for source=parquet|folder")
+    image_column: str = "image"
+    caption_column: str | None = "caption"
+    label_column: str | None = "label"
+    image_size: int = Field(8, gt=0, description="images are resized to image_size x image_size")
+    channels: Literal[1, 3] = 1
+    holdout_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    max_images: int | None = Field(None, gt=0, description="cap on images read (None: all)")
+    shard_rows: int = Field(2048, gt=0)
+    null_prob: float = Field(0.1, ge=0.0, le=1.0, description="CCA+CFG null-condition probability")
+    on_bad_row: Literal["error", "skip"] = "error"
+    tokenizer_workers: int = Field(1, gt=0)
+    seed: int = 0
+
+
+class TokenizerConfig(_Section):
+    """Image <-> code grid."""
+
+    kind: Literal["kmeans", "emu3-vqvae"] = "kmeans"
+    codebook_size: int = Field(64, gt=1)
+    patch_size: int = Field(2, gt=0)
+    path: str | None = Field(None, description="local path of a pretrained tokenizer (emu3-vqvae)")
+    kmeans_iters: int = Field(25, gt=0)
+    seed: int = 0
+
+
+class ModelConfig(_Section):
+    """The AR visual model. path=None builds a tiny random-init model under the workdir."""
+
+    family: Literal["emu3"] = "emu3"
+    path: str | None = None
+    hidden_size: int = Field(64, gt=0)
+    num_layers: int = Field(2, gt=0)
+    num_heads: int = Field(4, gt=0)
+    num_kv_heads: int | None = Field(None, gt=0)
+    intermediate_size: int | None = Field(None, gt=0)
+    max_prompt_tokens: int = Field(32, gt=0, description="longest prompt accepted, in BPE tokens")
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "ModelConfig":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads ({self.num_heads})")
+        return self
+
+
+class TrainConfig(_Section):
+    """One trainer for every objective; `pretrain` and `train` are two instances of this."""
+
+    objective: Literal["sft", "cca", "cca_cfg", "dpo", "unlearning"] = "cca"
+    beta: float = Field(0.1, gt=0.0, description="CCA/DPO temperature on log p_theta/p_phi")
+    lam: float = Field(1.0, ge=0.0, description="CCA weight of the negative (mismatched) term")
+    lam_unlearning: float = Field(0.05, ge=0.0, description="unlearning: weight of the negative log-likelihood")
+    cond_dropout: float = Field(0.1, ge=0.0, le=1.0, description="sft: probability a condition is replaced by null")
+    reference: Literal["online", "precomputed"] = "online"
+    lr: float = Field(3e-5, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["constant", "cosine"] = "constant"
+    epochs: int = Field(1, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps")
+    micro_batch_size: int = Field(16, gt=0, description="pairs per worker per micro-step")
+    grad_accum: int = Field(1, gt=0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    bf16: bool = False
+    num_workers: int = Field(2, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    log_every: int = Field(10, gt=0)
+    checkpoint_every: int = Field(50, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    max_failures: int = Field(2, ge=-1)
+    seed: int = 0
+
+
+class SampleConfig(_Section):
+    """Default decoding settings (sampler, evaluation, serving)."""
+
+    guidance_scale: float = Field(0.0, ge=0.0, description="0 = guidance-free (one forward per token)")
+    temperature: float = Field(1.0, gt=0.0)
+    top_k: int | None = Field(None, gt=0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    batch_size: int = Field(64, gt=0)
+
+
+class EvalConfig(_Section):
+    num_samples: int = Field(1000, gt=0, description="images for the final evaluation")
+    proxy_num_samples: int = Field(200, gt=0, description="images for the FID proxy used in sweeps")
+    extractor: Literal["mnist-cnn", "inception-v3"] = "mnist-cnn"
+    inception_weights: str | None = None
+    cfg_scales: list[float] = [0.0, 0.5, 1.0, 2.0, 3.0]
+    kid_subset_size: int = Field(100, gt=1)
+    prc_neighborhood: int = Field(3, gt=0)
+    workers: int = Field(2, gt=0)
+    seed: int = 1234
+
+
+class TuneConfig(_Section):
+    space: str | None = Field(None, description="tune space YAML; None = the preset's own")
+    num_trials: int = Field(8, gt=0)
+    max_concurrent_trials: int = Field(1, gt=0)
+    report_every: int = Field(50, gt=0, description="steps between FID-proxy reports")
+    grace_period: int = Field(1, gt=0, description="ASHA: reports before a trial may be stopped")
+    reduction_factor: float = Field(2.0, gt=1.0)
+    baselines: list[Literal["dpo", "unlearning"]] = ["dpo", "unlearning"]
+    seed: int = 0
+
+
+class ServeConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, gt=0, lt=65536)
+    checkpoint: str | None = None
+    replicas: int = Field(1, gt=0)
+    autoscale_max_replicas: int | None = Field(None, gt=0)
+    num_cpus: float = Field(1.0, gt=0.0)
+    num_gpus: float = Field(0.0, ge=0.0)
+    max_n: int = Field(8, gt=0)
+    max_batch_size: int = Field(16, gt=0)
+    batch_wait_timeout_s: float = Field(0.05, ge=0.0)
+    request_timeout_s: float = Field(120.0, gt=0.0)
+    max_queued_requests: int = Field(64, gt=0)
+    log_images_to_mlflow: bool = False
+
+
+class Config(_Section):
+    preset: str = "demo"
+    workdir: str = "./cca_work"
+    experiment: str = "cca-ray"
+    data: DataConfig = DataConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    model: ModelConfig = ModelConfig()
+    pretrain: TrainConfig = TrainConfig(objective="sft", lr=1e-3, epochs=5)
+    train: TrainConfig = TrainConfig()
+    sample: SampleConfig = SampleConfig()
+    eval: EvalConfig = EvalConfig()
+    tune: TuneConfig = TuneConfig()
+    serve: ServeConfig = ServeConfig()
+
+    # -- paths under the workdir: every stage agrees on them --------------------------
+    @property
+    def root(self) -> Path:
+        return Path(self.workdir).expanduser().resolve()
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def base_model_dir(self) -> Path:
+        """The consolidated base checkpoint (pretrain's export, or the random-init tiny model)."""
+        return Path(self.model.path).expanduser().resolve() if self.model.path else self.root / "models" / "base"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def mlflow_uri(self) -> str:
+        import os
+
+        return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.root / 'mlflow.db'}"
+
+
+# ------------------------------------------------------------------------------------
+def available_presets() -> list[str]:
+    return sorted(p.name[: -len(".yaml")] for p in PRESET_DIR.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(path: Any, what: str) -> dict:
+    try:
+        data = yaml.safe_load(Path(str(path)).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{what}: file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what}: {path} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what}: {path} must hold a mapping of config sections, got {type(data).__name__}")
+    return data
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        nxt = node.setdefault(k, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {dotted}: {k} is not a section")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"train.lam=3"`` -> ``("train.lam", 3)``; the value is parsed as YAML (so 3 is an int)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has no key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<config>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown config key '{loc}'")
+        else:
+            got = e.get("input")
+            got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"{loc}: {e['msg']}{got_s}")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def load_config(
+    preset: str | None = "demo",
+    config_file: str | Path | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+    workdir: str | Path | None = None,
+) -> Config:
+    """Build and validate a Config; raise ConfigError naming the bad field or file."""
+    tree: dict = {}
+    if preset is not None:
+        if preset not in available_presets():
+            raise ConfigError(f"unknown preset '{preset}'; available presets: {', '.join(available_presets())}")
+        tree = _deep_merge(tree, _read_yaml(PRESET_DIR / f"{preset}.yaml", f"preset {preset}"))
+        tree["preset"] = preset
+    if config_file is not None:
+        tree = _deep_merge(tree, _read_yaml(config_file, "--config"))
+    items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides or []]
+    for key, value in items:
+        _set_dotted(tree, key, value)
+    if workdir is not None:
+        tree["workdir"] = str(workdir)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e)) from None
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def flat_params(cfg: Config, sections: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Flatten to dotted keys (for MLflow params)."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            out[prefix] = node
+
+    dumped = cfg.model_dump(mode="json")
+    for k, v in dumped.items():
+        if sections is None or k in sections:
+            walk(k, v)
+    return out
