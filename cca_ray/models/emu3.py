@@ -1,0 +1,332 @@
+"""Emu3 adapter: transformers' Emu3ForConditionalGeneration behind the ARVisualModel protocol.
+
+Token layout of one text-to-image sequence (Emu3-Gen):
+
+    BOS  prompt  <|image start|>  "h*w"  <|image token|>
+    v v v ... v EOL   (h rows of w visual tokens, each row ended by EOL = <|extra_200|>)
+    EOF <|image end|> EOS
+
+Visual code k is token ``visual_offset + k``. log p(image | prompt) is the sum over the h*w
+visual positions only, of log-softmax over the *visual slice* of the LM head: the EOL/EOF
+tokens are forced by the layout and carry no information, and the sampler draws from the
+same slice, so policy, reference and sampler share one convention. Full-vocabulary logits
+are never formed over the image (for Emu3-Gen the visual slice is 32,768 of 184,622 ids).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cca_ray.models.base import Cond
+from cca_ray.sample import SampleOutput, decode
+
+BOS, EOS, EOL, EOF = "<|extra_203|>", "<|extra_204|>", "<|extra_200|>", "<|extra_201|>"
+IMG_START, IMG_END, IMG_TOKEN, IMAGE = "<|image start|>", "<|image end|>", "<|image token|>", "<image>"
+PAD = "<|endoftext|>"
+SPECIALS = [PAD, EOL, EOF, BOS, EOS, IMG_START, IMG_END, IMG_TOKEN, IMAGE]
+SIDECAR = "cca_ray.json"  # our facts about a checkpoint: family, codebook size, prompt limit
+
+
+def visual_token(k: int) -> str:
+    return f"<|visual token {k:06d}|>"
+
+
+class Emu3Scorer(nn.Module):
+    """log p(codes | prompt) for a teacher-forced batch: the module DeepSpeed wraps.
+
+    Under ZeRO-3 the trainer registers ``hf.lm_head.weight`` as an external parameter of
+    this module, since the visual-slice product below reads the weight without calling
+    lm_head's own forward.
+    """
+
+    def __init__(self, hf: nn.Module, visual_offset: int, codebook_size: int):
+        super().__init__()
+        self.hf = hf
+        self.visual_offset = visual_offset
+        self.codebook_size = codebook_size
+
+    def visual_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [..., H] -> logits over the visual slice [..., K]."""
+        w = self.hf.lm_head.weight[self.visual_offset : self.visual_offset + self.codebook_size]
+        return F.linear(hidden, w)
+
+    def forward(self, input_ids, attention_mask, position_ids, target_pos, targets) -> torch.Tensor:
+        """input_ids/attention_mask/position_ids [B, T]; target_pos [N] (shared by all rows, the
+        positions whose *next* token is visual); targets [B, N] codes. Returns Tensor[B] float32."""
+        h = self.hf.model.text_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+        logits = self.visual_logits(h[:, target_pos]).float()  # [B, N, K]
+        logp = logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        return logp.sum(-1)
+
+
+class _KVBackend:
+    """Prefill/step over the text model with a DynamicCache, for cca_ray.sample.decode."""
+
+    def __init__(self, scorer: Emu3Scorer):
+        self.scorer = scorer
+        self.text_model = scorer.hf.model.text_model
+        self.cache = None
+
+    def _run(self, ids, need_logits):
+        out = self.text_model(
+            input_ids=ids,
+            attention_mask=self.mask,
+            position_ids=self.pos,
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        self.cache = out.past_key_values
+        return self.scorer.visual_logits(out.last_hidden_state[:, -1]) if need_logits else None
+
+    def prefill(self, input_ids, attention_mask, need_logits):
+        self.mask = attention_mask
+        self.pos = (attention_mask.cumsum(-1) - 1).clamp_(min=0)
+        self.cache = None
+        return self._run(input_ids, need_logits)
+
+    def step(self, token_ids, need_logits):
+        self.mask = F.pad(self.mask, (0, 1), value=1)
+        self.pos = self.pos[:, -1:] + 1
+        return self._run(token_ids.unsqueeze(-1), need_logits)
+
+
+class Emu3Adapter:
+    """ARVisualModel over a local Emu3ForConditionalGeneration checkpoint."""
+
+    family = "emu3"
+
+    def __init__(self, hf: nn.Module, tokenizer, *, max_prompt_tokens: int = 256):
+        self.hf = hf
+        self.tokenizer = tokenizer
+        self.max_prompt_tokens = max_prompt_tokens
+        ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIALS}
+        self.pad_id = ids[PAD] if ids[PAD] is not None else 0
+        self.bos_id, self.eol_id, self.eof_id = ids[BOS], ids[EOL], ids[EOF]
+        self.img_start_id, self.img_token_id = ids[IMG_START], ids[IMG_TOKEN]
+        vocab = hf.config.vocabulary_map or tokenizer.get_vocab()
+        visual = sorted(v for k, v in vocab.items() if k.startswith("<|visual token"))
+        self.codebook_size = len(visual)
+        self.visual_offset = visual[0]
+        if visual != list(range(self.visual_offset, self.visual_offset + self.codebook_size)):
+            raise ValueError("Emu3 checkpoint: visual token ids are not contiguous; the visual-slice head needs them to be")
+        self.module = Emu3Scorer(hf, self.visual_offset, self.codebook_size)
+
+    # -- conditions ---------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf.parameters()).device
+
+    def _prefix(self, prompt_ids: list[int], grid: tuple[int, int]) -> list[int]:
+        size = self.tokenizer.encode(f"{grid[0]}*{grid[1]}", add_special_tokens=False)
+        return [self.bos_id, *prompt_ids, self.img_start_id, *size, self.img_token_id]
+
+    def encode_conditions(self, raw: Sequence[str], grid: tuple[int, int]) -> Cond:
+        """Prompts -> left-padded prefixes. "" is the null condition (CFG / CCA+CFG)."""
+        rows = []
+        for i, prompt in enumerate(raw):
+            if not isinstance(prompt, str):
+                raise ValueError(f"prompt {i}: expected a string, got {type(prompt).__name__}")
+            ids = self.tokenizer.encode(prompt, add_special_tokens=False) if prompt else []
+            if len(ids) > self.max_prompt_tokens:
+                raise ValueError(
+                    f"prompt {i} is {len(ids)} tokens long; this model accepts at most {self.max_prompt_tokens}"
+                )
+            rows.append(self._prefix(ids, grid))
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            input_ids[i, width - len(r) :] = torch.tensor(r)
+            mask[i, width - len(r) :] = 1
+        return Cond(input_ids, mask, tuple(grid)).to(self.device)
+
+    def null_condition(self, n: int, grid: tuple[int, int]) -> Cond:
+        return self.encode_conditions([""] * n, grid)
+
+    def prompt_length(self, prompt: str) -> int:
+        return len(self.tokenizer.encode(prompt, add_special_tokens=False))
+
+    # -- scoring ------------------------------------------------------------------------
+    def scoring_inputs(self, cond: Cond, codes: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Teacher-forced inputs for Emu3Scorer.forward. codes: LongTensor[B, h, w]."""
+        b, h, w = codes.shape
+        if (h, w) != tuple(cond.grid):
+            raise ValueError(f"codes grid {(h, w)} does not match the condition grid {tuple(cond.grid)}")
+        if codes.min() < 0 or codes.max() >= self.codebook_size:
+            raise ValueError(f"codes must lie in [0, {self.codebook_size}); got [{int(codes.min())}, {int(codes.max())}]")
+        dev = cond.input_ids.device
+        codes = codes.to(dev).long()
+        body = torch.cat([codes + self.visual_offset, torch.full((b, h, 1), self.eol_id, device=dev)], -1)
+        body = body.reshape(b, h * (w + 1))[:, :-1]  # the last EOL predicts nothing visual
+        input_ids = torch.cat([cond.input_ids, body], 1)
+        mask = torch.cat([cond.attention_mask, torch.ones_like(body)], 1)
+        j = torch.arange(h * (w + 1) - 1, device=dev)
+        j = j[(j % (w + 1)) != w]  # body indices of visual tokens
+        return dict(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=(mask.cumsum(-1) - 1).clamp_(min=0),
+            target_pos=cond.input_ids.shape[1] - 1 + j,
+            targets=codes.reshape(b, h * w),
+        )
+
+    def sequence_logprob(self, cond: Cond, codes: torch.Tensor, module: nn.Module | None = None) -> torch.Tensor:
+        return (module or self.module)(**self.scoring_inputs(cond, codes))
+
+    # -- sampling -----------------------------------------------------------------------
+    def schedule(self, grid: tuple[int, int]) -> list[int]:
+        h, w = grid
+        return ([-1] * w + [self.eol_id]) * h  # the trailing EOL is never fed: decode stops at the last code
+
+    @torch.no_grad()
+    def sample(
+        self,
+        cond: Cond,
+        *,
+        guidance: float = 0.0,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | Sequence[int] | None = None,
+        return_dists: bool = False,
+    ) -> SampleOutput:
+        h, w = cond.grid
+        sched = self.schedule(cond.grid)[:-1]
+        unc = self.null_condition(len(cond), cond.grid) if guidance != 0.0 else None
+        out = decode(
+            _KVBackend(self.module),
+            cond.input_ids,
+            cond.attention_mask,
+            sched,
+            self.visual_offset,
+            uncond_ids=unc.input_ids if unc is not None else None,
+            uncond_mask=unc.attention_mask if unc is not None else None,
+            guidance_scale=guidance,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            return_dists=return_dists,
+        )
+        out.codes = out.codes.view(len(cond), h, w)
+        return out
+
+    def generate(self, cond: Cond, **kw) -> torch.Tensor:
+        was_training = self.hf.training
+        self.hf.eval()
+        try:
+            return self.sample(cond, **kw).codes
+        finally:
+            self.hf.train(was_training)
+
+    @torch.no_grad()
+    def decode_images(self, codes: torch.Tensor) -> torch.Tensor:
+        """Code grids [B, h, w] -> images through the checkpoint's own VQ-VAE (float, [-1, 1])."""
+        return self.hf.model.vqmodel.decode(codes.to(self.device))
+
+    # -- persistence --------------------------------------------------------------------
+    def save(self, path) -> None:
+        path = Path(path)
+        self.hf.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        (path / SIDECAR).write_text(
+            json.dumps({"family": self.family, "codebook_size": self.codebook_size, "max_prompt_tokens": self.max_prompt_tokens})
+        )
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """CCA needs Δ = 0 exactly at step 0: no dropout anywhere (attention dropout is a float attr)."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        if hasattr(m, "attention_dropout") and isinstance(m.attention_dropout, float):
+            m.attention_dropout = 0.0
+    cfg = getattr(model.config, "text_config", None)
+    if cfg is not None:
+        cfg.attention_dropout = 0.0
+
+
+def load_emu3(path, *, device="cpu", dtype=torch.float32, max_prompt_tokens: int | None = None) -> Emu3Adapter:
+    from transformers import AutoTokenizer, Emu3ForConditionalGeneration
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"no Emu3 checkpoint at {path} (config.json missing); give a local from_pretrained directory")
+    side = json.loads((path / SIDECAR).read_text()) if (path / SIDECAR).exists() else {}
+    hf = Emu3ForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device)
+    disable_dropout(hf)
+    tok = AutoTokenizer.from_pretrained(path)
+    limit = max_prompt_tokens or side.get("max_prompt_tokens", 256)
+    return Emu3Adapter(hf, tok, max_prompt_tokens=limit)
+
+
+# -- a tiny random-init Emu3, built offline (tests and the demo) ------------------------
+_BASE_CORPUS = [
+    "a handwritten digit zero one two three four five six seven eight nine",
+    "a photo of a cat on a mat", "an image of", "0 1 2 3 4 5 6 7 8 9 * 10 11 12 16 28 32 64 90",
+]
+
+
+def build_tiny_emu3(
+    out_dir,
+    *,
+    codebook_size: int,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int | None = None,
+    intermediate_size: int | None = None,
+    max_prompt_tokens: int = 32,
+    prompts: Sequence[str] = (),
+    bpe_vocab_size: int = 400,
+    max_positions: int = 4096,
+    seed: int = 0,
+) -> Path:
+    """Build, save (save_pretrained) and return the path of a random-init Emu3 with a byte-level
+    BPE trained on `prompts`, Emu3's special tokens and `codebook_size` visual tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import Emu3Config, Emu3ForConditionalGeneration, Emu3TextConfig, Emu3VQVAEConfig
+    from transformers import PreTrainedTokenizerFast
+
+    out_dir = Path(out_dir)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=bpe_vocab_size, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator(list(_BASE_CORPUS) + list(prompts), trainer=trainer)
+    bpe.add_special_tokens([visual_token(k) for k in range(codebook_size)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=BOS, eos_token=EOS, pad_token=PAD)
+    vocab = tok.get_vocab()
+
+    torch.manual_seed(seed)
+    text = Emu3TextConfig(
+        vocab_size=len(vocab),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size or 4 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads or num_heads,
+        max_position_embeddings=max_positions,
+        pad_token_id=vocab[PAD],
+        bos_token_id=vocab[BOS],
+        eos_token_id=vocab[EOS],
+        attention_dropout=0.0,
+    )
+    vq = Emu3VQVAEConfig(
+        codebook_size=codebook_size, base_channels=32, channel_multiplier=[1, 1, 1, 1],
+        num_res_blocks=1, attn_resolutions=[], hidden_size=32, embed_dim=4, latent_channels=4,
+    )
+    hf = Emu3ForConditionalGeneration(Emu3Config(text_config=text, vq_config=vq, vocabulary_map=vocab))
+    adapter = Emu3Adapter(hf, tok, max_prompt_tokens=max_prompt_tokens)
+    adapter.save(out_dir)
+    return out_dir
