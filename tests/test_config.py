@@ -1,0 +1,106 @@
+"""Configs: every preset and tune space loads; bad input names the field and exits 2."""
+
+import subprocess
+import sys
+from importlib import resources
+
+import pytest
+import yaml
+
+from cca_ray.config import ConfigError, available_presets, flat_params, load_config, parse_override
+
+
+def test_presets_shipped():
+    assert {"smoke", "demo", "emu3-gen-a100"} <= set(available_presets())
+
+
+@pytest.mark.parametrize("preset", available_presets())
+def test_every_preset_loads(preset):
+    cfg = load_config(preset)
+    assert cfg.preset == preset
+    assert cfg.train.beta > 0 and cfg.train.lam >= 0
+
+
+def test_every_tune_space_names_real_fields():
+    spaces = resources.files("cca_ray") / "tune_spaces"
+    files = [p for p in spaces.iterdir() if p.name.endswith(".yaml")]
+    for path in files:
+        space = yaml.safe_load(path.read_text())
+        params = flat_params(load_config("smoke"))
+        for key in space.get("params", {}):
+            assert key in params, f"{path.name}: '{key}' is not a config field"
+
+
+def test_layers_and_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  lam: 5.0\n  beta: 0.3\n")
+    cfg = load_config("smoke", f, ["train.lam=7", "data.source=mnist"], workdir=tmp_path)
+    assert cfg.train.lam == 7.0  # override beats file
+    assert cfg.train.beta == 0.3  # file beats preset
+    assert cfg.data.source == "mnist"
+    assert cfg.root == tmp_path.resolve()
+    assert cfg.mlflow_uri.startswith("sqlite:///") and cfg.mlflow_uri.endswith("mlflow.db")
+
+
+def test_override_values_are_typed():
+    assert parse_override("train.max_steps=3") == ("train.max_steps", 3)
+    assert parse_override("eval.cfg_scales=[0, 1.5]") == ("eval.cfg_scales", [0, 1.5])
+    assert parse_override("model.path=/x/y") == ("model.path", "/x/y")
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["train.lam=-1"], "train.lam"),
+        (["train.beta=0"], "train.beta"),
+        (["train.bogus=1"], "unknown config key 'train.bogus'"),
+        (["nosuch.key=1"], "unknown config key 'nosuch'"),
+        (["train.max_steps=abc"], "train.max_steps"),
+        (["data.source=imagenet"], "data.source"),
+        (["model.hidden_size=30", "model.num_heads=4"], "model.hidden_size"),
+    ],
+)
+def test_bad_values_name_the_field(overrides, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config("smoke", overrides=overrides)
+    assert needle in str(e.value)
+
+
+def test_unknown_preset_lists_choices():
+    with pytest.raises(ConfigError, match="unknown preset 'nope'.*smoke"):
+        load_config("nope")
+
+
+def test_bad_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("smoke", tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config("smoke", bad)
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--preset", "nope"], "unknown preset"),
+        (["train.lam=-0.5"], "train.lam"),
+        (["train.typo=1"], "train.typo"),
+    ],
+)
+def test_cli_exit_code_2(args, needle, tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "cca_ray.train", "--workdir", str(tmp_path), *args],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert r.returncode == 2, r.stderr
+    assert needle in r.stderr
+
+
+def test_cli_print_config(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "cca_ray.tune", "--preset", "smoke", "--print-config", "train.lam=2.5"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    assert yaml.safe_load(r.stdout)["train"]["lam"] == 2.5
