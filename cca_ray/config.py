@@ -46,7 +46,12 @@ class DataConfig(_Section):
     shard_rows: int = Field(2048, gt=0)
     null_prob: float = Field(0.1, ge=0.0, le=1.0, description="CCA+CFG null-condition probability")
     on_bad_row: Literal["error", "skip"] = "error"
-    tokenizer_workers: int = Field(1, gt=0)
+    tokenizer_workers: int = Field(1, gt=0, description="actors in the Ray Data tokenizer pool")
+    tokenizer_batch_size: int = Field(64, gt=0, description="images per tokenizer map_batches call")
+    tokenizer_num_gpus: float = Field(0.0, ge=0.0, description="GPUs per tokenizer actor (0 = CPU)")
+    reference_workers: int = Field(1, gt=0, description="actors in the reference-pass pool")
+    reference_batch_size: int = Field(32, gt=0, description="pairs per reference-pass batch")
+    reference_num_gpus: float = Field(0.0, ge=0.0, description="GPUs per reference-pass actor (0 = CPU)")
     seed: int = 0
 
 
@@ -58,6 +63,7 @@ class TokenizerConfig(_Section):
     patch_size: int = Field(2, gt=0)
     path: str | None = Field(None, description="local path of a pretrained tokenizer (emu3-vqvae)")
     kmeans_iters: int = Field(25, gt=0)
+    kmeans_max_patches: int = Field(50_000, gt=0, description="k-means fits on at most this many train patches")
     seed: int = 0
 
 
@@ -110,8 +116,11 @@ class TrainConfig(_Section):
     log_every: int = Field(10, gt=0)
     checkpoint_every: int = Field(50, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
-    max_failures: int = Field(2, ge=-1)
-    seed: int = 0
+    max_failures: int = Field(2, ge=-1, description="worker-group restarts from the last checkpoint (-1: no limit)")
+    inject_failure_at_step: int | None = Field(
+        None, gt=0, description="testing hook: the last rank raises once when it reaches this optimizer step "
+        "(a marker file in the run dir makes it once), to exercise resume")
+    seed: int = Field(0, description="data order (per-epoch permutation) and condition-dropout draws")
 
 
 class SampleConfig(_Section):
@@ -129,6 +138,7 @@ class EvalConfig(_Section):
     proxy_num_samples: int = Field(200, gt=0, description="images for the FID proxy used in sweeps")
     extractor: Literal["mnist-cnn", "inception-v3"] = "mnist-cnn"
     inception_weights: str | None = None
+    classifier_epochs: int = Field(12, gt=0, description="mnist-cnn: epochs over the train split (trained once, cached)")
     cfg_scales: list[float] = [0.0, 0.5, 1.0, 2.0, 3.0]
     kid_subset_size: int = Field(100, gt=1)
     prc_neighborhood: int = Field(3, gt=0)
@@ -148,19 +158,43 @@ class TuneConfig(_Section):
 
 
 class ServeConfig(_Section):
-    host: str = "127.0.0.1"
+    """The HTTP images API (stage `serve`). The API is unauthenticated: keep host on loopback
+    unless the network in front of it does the authentication."""
+
+    host: str = Field("127.0.0.1", description="bind address; anything but loopback exposes an unauthenticated API")
     port: int = Field(8000, gt=0, lt=65536)
-    checkpoint: str | None = None
-    replicas: int = Field(1, gt=0)
-    autoscale_max_replicas: int | None = Field(None, gt=0)
-    num_cpus: float = Field(1.0, gt=0.0)
-    num_gpus: float = Field(0.0, ge=0.0)
-    max_n: int = Field(8, gt=0)
-    max_batch_size: int = Field(16, gt=0)
-    batch_wait_timeout_s: float = Field(0.05, ge=0.0)
-    request_timeout_s: float = Field(120.0, gt=0.0)
-    max_queued_requests: int = Field(64, gt=0)
-    log_images_to_mlflow: bool = False
+    checkpoint: str | None = Field(
+        None, description="local model dir or MLflow URI (models:/name/version, runs:/id/path); "
+        "None: the newest export under checkpoint_dir, else base_model_dir")
+    tokenizer_dir: str | None = Field(
+        None, description="image tokenizer dir; None: next to the checkpoint, else data_dir/tokenizer")
+    label_source: str | None = Field(
+        None, description="class label -> prompt map: a JSON file or a dataset dir of parquet shards; "
+        "None: data_dir/holdout, then data_dir/train")
+    model_name: str | None = Field(None, description="the model id clients see; None: the checkpoint's name")
+    replicas: int = Field(1, gt=0, description="replicas (the minimum when autoscaling)")
+    autoscale_max_replicas: int | None = Field(None, gt=0, description="set to autoscale between replicas and this")
+    autoscale_target_ongoing_requests: float = Field(8.0, gt=0.0, description="autoscaler's per-replica target")
+    num_cpus: float = Field(1.0, gt=0.0, description="CPUs per replica (also its torch threads)")
+    num_gpus: float = Field(0.0, ge=0.0, description="GPUs per replica (>0 samples on CUDA)")
+    max_n: int = Field(8, gt=0, description="most images one request may ask for")
+    max_batch_size: int = Field(16, gt=0, description="most images in one batched decode")
+    batch_wait_timeout_s: float = Field(0.05, ge=0.0, description="how long a batch waits to fill")
+    request_timeout_s: float = Field(120.0, gt=0.0, description="a request waiting longer gets a 504")
+    max_ongoing_requests: int = Field(32, gt=0, description="requests inside one replica (queued for a batch or decoding)")
+    max_queued_requests: int = Field(64, gt=0, description="requests waiting for a replica; beyond it: backpressure_status")
+    backpressure_status: Literal[429, 503] = Field(429, description="HTTP status when max_queued_requests is full")
+    log_images_to_mlflow: bool = Field(False, description="log a grid of every batch into an MLflow evaluation run")
+
+    @model_validator(mode="after")
+    def _n_fits_a_batch(self) -> "ServeConfig":
+        if self.max_n > self.max_batch_size:
+            raise ValueError(f"serve.max_n ({self.max_n}) must be <= serve.max_batch_size ({self.max_batch_size}): "
+                             "one request's images are decoded in one batch")
+        if self.autoscale_max_replicas is not None and self.autoscale_max_replicas < self.replicas:
+            raise ValueError(f"serve.autoscale_max_replicas ({self.autoscale_max_replicas}) must be >= serve.replicas "
+                             f"({self.replicas})")
+        return self
 
 
 class Config(_Section):

@@ -1,0 +1,150 @@
+"""Reference pass: the frozen base model scores every pair once (Ray Data batch inference).
+
+    pairs/ --map_batches(ReferenceScorer, actor pool)--> pairs_ref/  (+ ref_logp_pos, ref_logp_neg)
+
+ref_logp_pos = log p_phi(x | c), ref_logp_neg = log p_phi(x | c_neg), float32 nats summed over
+the image tokens; a condition whose pos_null/neg_null flag is set is scored as the null prompt
+"" (CCA+CFG). pairs_ref/manifest.json records the reference checkpoint id
+(`checkpoint_id(path)`); `verify_reference` is what the trainer calls to refuse columns
+computed from any other checkpoint.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from cca_ray.data.fingerprint import checkpoint_id
+from cca_ray.data.schema import DataError
+from cca_ray.data.shards import make_manifest, read_dataset, read_manifest
+
+_ROW_IN_BATCH = re.compile(r"prompt (\d+)")
+
+
+class ReferenceMismatchError(DataError):
+    """Precomputed reference log-probs come from another checkpoint than the one expected."""
+
+
+def _conditions(prompts: list, nulls: np.ndarray, sids: list, column: str) -> list[str]:
+    """Prompts to score, "" where the null flag is set; DataError naming the row if one is missing."""
+    out = []
+    for p, is_null, sid in zip(prompts, nulls, sids):
+        if is_null:
+            out.append("")
+        elif p is None or not str(p).strip():
+            raise DataError(f"{sid}: empty {column}; the reference model is conditioned on text prompts")
+        else:
+            out.append(p)
+    return out
+
+
+class ReferenceScorer:
+    """Ray Data actor holding the frozen base model; pairs batch -> batch + ref_logp_pos/neg."""
+
+    def __init__(self, checkpoint: str, family: str | None, dtype: str, codebook_size: int, grid: tuple[int, int]):
+        import torch
+
+        from cca_ray.models import load_model
+
+        self.torch = torch
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = load_model(checkpoint, family=family, device=device, dtype=dtype)
+        self.model.module.eval()
+        self.grid = tuple(grid)
+        if self.model.codebook_size < codebook_size:
+            raise DataError(f"{checkpoint}: the model has {self.model.codebook_size} visual tokens, "
+                            f"the shards were tokenized with a {codebook_size}-code tokenizer")
+
+    def _logp(self, prompts: list[str], codes, sids: list) -> np.ndarray:
+        try:
+            cond = self.model.encode_conditions(prompts, self.grid)
+        except ValueError as e:  # the adapter names the row within the batch; name the image
+            m = _ROW_IN_BATCH.search(str(e))
+            where = sids[int(m.group(1))] if m else f"batch starting at {sids[0]}"
+            raise DataError(f"{where}: {e}") from None
+        with self.torch.no_grad():
+            return self.model.sequence_logprob(cond, codes).float().cpu().numpy().astype(np.float32)
+
+    def __call__(self, t: pa.Table) -> pa.Table:
+        torch = self.torch
+        sids = t.column("source_id").to_pylist()
+        flat = t.column("codes").combine_chunks().values.to_numpy(zero_copy_only=False)
+        codes = torch.from_numpy(flat.astype(np.int64).reshape(len(t), *self.grid)).to(self.model.device)
+        pos_null = t.column("pos_null").to_numpy(zero_copy_only=False)
+        neg_null = t.column("neg_null").to_numpy(zero_copy_only=False)
+        pos = _conditions(t.column("prompt").to_pylist(), pos_null, sids, "prompt")
+        neg = _conditions(t.column("neg_prompt").to_pylist(), neg_null, sids, "neg_prompt")
+        for name in ("ref_logp_pos", "ref_logp_neg"):
+            if name in t.column_names:
+                t = t.drop_columns([name])
+        t = t.append_column("ref_logp_pos", pa.array(self._logp(pos, codes, sids), pa.float32()))
+        return t.append_column("ref_logp_neg", pa.array(self._logp(neg, codes, sids), pa.float32()))
+
+
+def reference_pass(cfg, checkpoint: str | Path | None = None, data_dir: str | Path | None = None,
+                   force: bool = False) -> dict:
+    """Score data_dir/pairs with the frozen `checkpoint` (default cfg.base_model_dir) into
+    data_dir/pairs_ref, atomically. Workers: data.reference_workers actors, each with
+    data.reference_num_gpus GPUs, data.reference_batch_size pairs per call. Skipped (unless
+    force) when pairs_ref already holds this checkpoint's scores of the current pairs.
+    Returns the manifest."""
+    from ray.data import ActorPoolStrategy
+
+    from cca_ray.data.pipeline import init_ray, write_ray_dataset
+
+    data_dir = Path(data_dir or cfg.data_dir)
+    checkpoint = Path(checkpoint or cfg.base_model_dir).expanduser().resolve()
+    if not (checkpoint / "config.json").exists():
+        raise DataError(f"{checkpoint}: no model checkpoint (config.json missing) for the reference pass")
+    pm = read_manifest(data_dir / "pairs")
+    ref_id = checkpoint_id(checkpoint)
+    if not force:
+        try:
+            return verify_reference(data_dir / "pairs_ref", ref_id, data_dir / "pairs")
+        except DataError:
+            pass  # missing, incomplete or stale: (re)compute
+    init_ray()
+    d = cfg.data
+    ds = read_dataset(data_dir / "pairs", as_ray=True).map_batches(
+        ReferenceScorer, batch_format="pyarrow", batch_size=d.reference_batch_size,
+        fn_constructor_kwargs=dict(checkpoint=str(checkpoint), family=cfg.model.family, dtype=cfg.model.dtype,
+                                   codebook_size=int(pm["codebook_size"]), grid=tuple(pm["grid"])),
+        compute=ActorPoolStrategy(size=d.reference_workers), num_gpus=d.reference_num_gpus or None,
+    )
+    reference = {"checkpoint_id": ref_id, "path": str(checkpoint), "family": cfg.model.family,
+                 "dtype": cfg.model.dtype, "pairing": pm.get("pairing")}
+
+    def manifest_fn(files):
+        m = make_manifest("pairs_ref", pm["tokenizer"], pm["counts"]["rows"], files,
+                          reference=reference, pairing=pm.get("pairing"),
+                          **{k: pm[k] for k in ("config",) if k in pm})
+        m["skipped"], m["counts"]["skipped"] = pm["skipped"], pm["skipped"]["count"]
+        return m
+
+    return write_ray_dataset(ds, data_dir / "pairs_ref", manifest_fn, d.shard_rows)
+
+
+def verify_reference(pairs_ref_dir: str | Path, checkpoint: str | Path, pairs_dir: str | Path | None = None) -> dict:
+    """Check that pairs_ref's ref_logp_* columns came from `checkpoint` (a path or a
+    'sha256:...' id) and, if pairs_dir is given, from its current pairing. Returns the
+    manifest; raises ReferenceMismatchError otherwise."""
+    pairs_ref_dir = Path(pairs_ref_dir)
+    m = read_manifest(pairs_ref_dir)
+    recorded = (m.get("reference") or {}).get("checkpoint_id")
+    if recorded is None:
+        raise ReferenceMismatchError(f"{pairs_ref_dir}/manifest.json records no reference checkpoint id")
+    expected = str(checkpoint) if str(checkpoint).startswith("sha256:") else checkpoint_id(checkpoint)
+    if recorded != expected:
+        raise ReferenceMismatchError(
+            f"{pairs_ref_dir}: ref_logp_pos/ref_logp_neg were computed with reference checkpoint {recorded} "
+            f"({m['reference'].get('path')}), but the expected reference is {expected} ({checkpoint}); "
+            f"re-run `python -m cca_ray.prepare --reference {checkpoint}` or use train.reference=online")
+    if pairs_dir is not None:
+        current = read_manifest(pairs_dir).get("pairing")
+        if current != m.get("pairing"):
+            raise ReferenceMismatchError(f"{pairs_ref_dir}: computed for pairing {m.get('pairing')}, but {pairs_dir} "
+                                         f"now holds pairing {current}; re-run the reference pass")
+    return m
