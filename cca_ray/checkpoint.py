@@ -1,0 +1,122 @@
+"""Sharded DeepSpeed checkpoints (what Ray Train stores) and the consolidated export (what evaluate/serve load).
+
+A Ray Train checkpoint directory, after Ray merged every rank's upload, looks like::
+
+    checkpoint_000050/
+      latest                        "ds" (DeepSpeed's pointer to the tag)
+      ds/mp_rank_00_model_states.pt module weights (ZeRO 0-2) + client_state (step, epoch, ...)
+      ds/zero_pp_rank_<r>_mp_rank_00_optim_states.pt   rank r's optimizer/master-weight shard
+      trainer_state.json            the same client_state, readable
+
+Each rank writes only its own files into its own temp dir, so no shared filesystem is needed.
+Resuming needs the same world size (ZeRO shards are per rank). The export rebuilds full fp32
+weights with DeepSpeed's zero_to_fp32 (ZeRO >= 1) or reads the module state (ZeRO 0), loads
+them into the base architecture and writes a `save_pretrained` directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+TAG = "ds"
+STATE_FILE = "trainer_state.json"
+
+
+def save_engine(engine, out_dir: str | Path, client_state: dict[str, Any], rank: int) -> None:
+    """Every rank calls this (DeepSpeed's save is collective) with its own out_dir."""
+    engine.save_checkpoint(str(out_dir), tag=TAG, client_state=client_state)
+    if rank == 0:
+        (Path(out_dir) / STATE_FILE).write_text(json.dumps(client_state, indent=1))
+
+
+def load_engine(engine, ckpt_dir: str | Path) -> dict[str, Any]:
+    """Restore weights, optimizer, LR scheduler; return the client_state saved with them."""
+    path, client_state = engine.load_checkpoint(
+        str(ckpt_dir), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
+    if path is None:
+        raise FileNotFoundError(f"{ckpt_dir}: no DeepSpeed checkpoint with tag '{TAG}' could be loaded")
+    return dict(client_state or {})
+
+
+def read_state(ckpt_dir: str | Path) -> dict[str, Any]:
+    return json.loads((Path(ckpt_dir) / STATE_FILE).read_text())
+
+
+def consolidated_state_dict(ckpt_dir: str | Path, zero_stage: int) -> dict[str, torch.Tensor]:
+    """Full weights of the wrapped module (names as in Emu3Scorer: 'hf....'), fp32 for ZeRO >= 1."""
+    ckpt_dir = Path(ckpt_dir)
+    if zero_stage == 0:
+        states = torch.load(ckpt_dir / TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        return states["module"]
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=TAG)
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move a finished directory into place; an older `dst` is only removed after the move succeeded."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        dst.rename(old)
+    src.rename(dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def copy_dir_atomic(src: str | Path, dst: str | Path) -> Path:
+    """Copy a directory so that `dst` is either absent, the old one, or complete."""
+    src, dst = Path(src), Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    shutil.copytree(src, tmp, dirs_exist_ok=True)
+    replace_dir(tmp, dst)
+    return dst
+
+
+def export_model(ckpt_dir: str | Path, model_dir: str | Path, out_dir: str | Path, *, zero_stage: int,
+                 dtype: str = "float32") -> Path:
+    """Write a `load_model`-able directory from a sharded checkpoint: the architecture and tokenizer
+    come from `model_dir` (the run's starting model), the weights from the checkpoint."""
+    from cca_ray.models import DTYPES, load_model
+
+    out_dir = Path(out_dir)
+    adapter = load_model(model_dir, device="cpu", dtype=torch.float32)
+    state = consolidated_state_dict(ckpt_dir, zero_stage)
+    result = adapter.module.load_state_dict(state, strict=False)
+    trainable = {n for n, p in adapter.module.named_parameters() if not n.startswith(FROZEN_PREFIXES)}
+    missing = sorted(set(result.missing_keys) & trainable)
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"{ckpt_dir}: checkpoint does not match {model_dir}: missing {missing[:5]}, "
+                           f"unexpected {result.unexpected_keys[:5]}")
+    adapter.hf.to(DTYPES[dtype])
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    adapter.save(tmp)
+    (tmp / "cca_ray_source.json").write_text(json.dumps({"checkpoint": str(ckpt_dir), "base": str(model_dir)}))
+    replace_dir(tmp, out_dir)
+    return out_dir
+
+
+# Parameters the trainer never updates: the Emu3 VQ-VAE (images are already tokenized).
+FROZEN_PREFIXES = ("hf.model.vqmodel.",)
+
+
+def freeze_untrained(module: torch.nn.Module) -> int:
+    """requires_grad=False on FROZEN_PREFIXES; returns the number of trainable parameters left."""
+    n = 0
+    for name, p in module.named_parameters():
+        if name.startswith(FROZEN_PREFIXES):
+            p.requires_grad_(False)
+        elif p.requires_grad:
+            n += p.numel()
+    return n

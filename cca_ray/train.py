@@ -1,0 +1,220 @@
+"""Stage `train` (and the engine of `pretrain`): Ray Train workers, each running a cca_ray.trainer.Trainer.
+
+    python -m cca_ray.train --preset smoke --workdir DIR            # CCA from DIR/models/base
+    python -m cca_ray.pretrain --preset smoke --workdir DIR         # same trainer, objective sft
+
+`run_training` is the entry Tune calls too: a TorchTrainer of `train.num_workers` workers
+(gloo on CPU, NCCL on GPU), named after the run so that the same name resumes it. Every
+`log_every` steps the all-reduced metrics go to MLflow (rank 0, into the run the driver
+created) and to `ray.train.report` (every rank; Tune's TuneReportCallback forwards rank 0's).
+A checkpoint is a sharded DeepSpeed checkpoint that each rank writes into its own temp dir
+and reports; Ray merges them. The step counter is the data position, so a restarted worker
+group (FailureConfig) resumes at the next unseen batch. At the end the driver exports the
+last checkpoint as a `load_model`-able directory: <checkpoint_dir>/<run>/export.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cca_ray import checkpoint as ckpt
+from cca_ray import tracking
+from cca_ray.config import Config, ConfigError, TrainConfig, dump_config, flat_params
+from cca_ray.train_data import (
+    REFERENCE_OBJECTIVES,
+    TrainDataError,
+    check_reference_columns,
+    dataset_for,
+    read_manifest,
+    read_rows,
+)
+from cca_ray.trainer import Trainer
+
+log = logging.getLogger("cca_ray.train")
+
+
+def default_run_name(cfg: Config, section: str, model_id: str) -> str:
+    """`<section>-<objective>-<hash of config + starting weights>`: rerunning the same command on the same
+    starting model resumes that run; another config or a retrained base model starts a new one."""
+    tc = getattr(cfg, section)
+    key = {k: cfg.model_dump(mode="json")[k] for k in (section, "model", "data", "tokenizer")}
+    key["model_id"] = model_id
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{section}-{tc.objective}-{digest}"
+
+
+def ensure_ray() -> None:
+    """Join the caller's Ray cluster, else start a local one on loopback. The dashboard stays on: Ray
+    Train's placement-group cleaner asks the state API whether the controller lives, and without
+    the dashboard it concludes "dead" and removes the workers' placement group mid-run."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+
+
+# -- Ray Train worker entry ---------------------------------------------------------------
+def _ray_report(metrics: dict, ckpt_dir: str | None) -> None:
+    import ray.train
+
+    if ckpt_dir is None:
+        ray.train.report(metrics)
+    else:
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir),
+                         checkpoint_dir_name=f"checkpoint_{int(metrics['step']):06d}")
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+
+    cfg = Config.model_validate(config["cfg"])
+    section = config["section"]
+    tc = getattr(cfg, section)
+    if not tc.use_gpu:
+        torch.set_num_threads(max(1, int(tc.cpus_per_worker)))
+    ctx = ray.train.get_context()
+    data = read_rows(config["data_dir"], pairs=tc.objective != "sft",
+                     reference=tc.objective in REFERENCE_OBJECTIVES and tc.reference == "precomputed")
+    trainer = Trainer(cfg, section, model_dir=config["model_dir"], data=data, rank=ctx.get_world_rank(),
+                      world_size=ctx.get_world_size(), run_dir=config["run_dir"], mlflow=config["mlflow"],
+                      report=_ray_report, extra_report_fn=config.get("extra_report_fn"),
+                      extra_report_every=config.get("extra_report_every"))
+    resume = ray.train.get_checkpoint()
+    if resume is not None:
+        with resume.as_directory() as d:
+            trainer.setup(resume_dir=d)
+    else:
+        trainer.setup()
+    if ctx.get_world_rank() == 0:
+        log.info("[%s] %s on %d workers, ZeRO-%d, %s; %d steps of %d rows", section, tc.objective,
+                 ctx.get_world_size(), tc.zero_stage, f"resuming at step {trainer.step}" if resume else "fresh",
+                 trainer.total_steps, trainer.plan.global_batch)
+    trainer.train()
+    trainer.cleanup()
+
+
+# -- driver -------------------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    run_name: str
+    run_dir: Path
+    checkpoint: Path | None
+    export_dir: Path | None
+    metrics: dict
+    mlflow_run_id: str
+
+
+def run_training(cfg: Config, section: str = "train", *, run_name: str | None = None,
+                 storage_path: str | Path | None = None, model_dir: str | Path | None = None,
+                 callbacks: list | None = None, extra_report_fn: Callable[[Trainer], dict] | None = None,
+                 extra_report_every: int | None = None, parent_run_id: str | None = None,
+                 export: bool = True) -> TrainResult:
+    """Run (or resume: same run_name and storage_path) one training run on Ray Train; export the result.
+
+    Usable inside a Tune trial: pass callbacks=[TuneReportCallback()], a run_name from the trial id,
+    parent_run_id for the sweep's MLflow parent run and extra_report_fn for FID-proxy reports.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    tc: TrainConfig = getattr(cfg, section)
+    model_dir = Path(model_dir or cfg.base_model_dir).resolve()
+    if not (model_dir / "config.json").exists():
+        raise ConfigError(f"no model checkpoint at {model_dir}; run `python -m cca_ray.pretrain` first "
+                          "or set model.path to a local checkpoint")
+    data_dir = cfg.data_dir / dataset_for(tc.objective, tc.reference)
+    read_manifest(data_dir)  # fail here, not in every worker, if the dataset is missing
+    if tc.objective in REFERENCE_OBJECTIVES and tc.reference == "precomputed":
+        from cca_ray.data.reference import verify_reference
+
+        verify_reference(data_dir, model_dir, pairs_dir=cfg.data_dir / "pairs")
+        check_reference_columns(data_dir, tc.objective)
+    if run_name is None:
+        from cca_ray.data.fingerprint import checkpoint_id
+
+        run_name = default_run_name(cfg, section, checkpoint_id(model_dir))
+    storage = Path(storage_path or cfg.checkpoint_dir).resolve()
+    run_dir = storage / run_name
+    uri = cfg.mlflow_uri
+    run_id = tracking.start_run(uri, cfg.experiment, run_name, artifact_root=cfg.root / "mlartifacts",
+                                parent_run_id=parent_run_id, tags={"stage": section, "objective": tc.objective})
+    tracking.log_params(uri, run_id, {**flat_params(cfg, (section, "model")), "model_dir": str(model_dir),
+                                      "data_dir": str(data_dir)})
+    tracking.log_text(uri, run_id, dump_config(cfg), "config.yaml")
+
+    ensure_ray()
+    dumped = cfg.model_dump(mode="json")
+    dumped["workdir"] = str(cfg.root)  # workers may start in another cwd
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": dumped, "section": section, "model_dir": str(model_dir), "data_dir": str(data_dir),
+                           "run_dir": str(run_dir), "mlflow": (uri, run_id), "extra_report_fn": extra_report_fn,
+                           "extra_report_every": extra_report_every},
+        torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
+                                     resources_per_worker={"CPU": tc.cpus_per_worker}),
+        run_config=RunConfig(name=run_name, storage_path=str(storage), callbacks=callbacks,
+                             checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints),
+                             failure_config=FailureConfig(max_failures=tc.max_failures)),
+    )
+    try:
+        result = trainer.fit()
+    except BaseException:
+        tracking.end_run(uri, run_id, "FAILED")
+        raise
+    last = Path(result.checkpoint.path) if result.checkpoint is not None else None
+    export_dir = None
+    if export and last is not None:
+        export_dir = ckpt.export_model(last, model_dir, run_dir / "export", zero_stage=tc.zero_stage,
+                                       dtype=cfg.model.dtype)
+        tracking.set_tags(uri, run_id, {"export_dir": export_dir, "checkpoint": last})
+    tracking.end_run(uri, run_id, "FINISHED")
+    return TrainResult(run_name, run_dir, last, export_dir, dict(result.metrics or {}), run_id)
+
+
+def ensure_inputs(cfg: Config, section: str) -> None:
+    """What a stage run needs besides the base model: prepared data and, for a precomputed
+    reference, pairs_ref scored by this base model (the reference pass runs when it is missing or stale)."""
+    from cca_ray.data.reference import ReferenceMismatchError, reference_pass, verify_reference
+    from cca_ray.data.schema import DataError
+    from cca_ray.prepare import prepare
+
+    prepare(cfg)  # no-op when data_dir already holds this config's data
+    tc = getattr(cfg, section)
+    if tc.objective in REFERENCE_OBJECTIVES and tc.reference == "precomputed":
+        if not (cfg.base_model_dir / "config.json").exists():
+            return  # run_training names the missing base model
+        try:
+            verify_reference(cfg.data_dir / "pairs_ref", cfg.base_model_dir, pairs_dir=cfg.data_dir / "pairs")
+        except (ReferenceMismatchError, DataError) as e:
+            print(f"reference pass needed: {e}", flush=True)
+            reference_pass(cfg, cfg.base_model_dir)
+
+
+def main(argv=None) -> None:
+    from cca_ray.cli import parse_stage_args
+
+    cfg, args = parse_stage_args(
+        "train", "CCA fine-tuning (or dpo/unlearning/sft via train.objective) on Ray Train + DeepSpeed", argv,
+        lambda p: p.add_argument("--run-name", help="run to create or resume (default: derived from the config)"))
+    from cca_ray.data.schema import DataError
+
+    try:
+        ensure_ray()  # before prepare(), which would otherwise start Ray its own way
+        ensure_inputs(cfg, "train")
+        res = run_training(cfg, "train", run_name=args.run_name)
+    except (ConfigError, TrainDataError, DataError) as e:
+        raise SystemExit(f"cca_ray.train: error: {e}") from None
+    print(f"run {res.run_name}: step {res.metrics.get('step')} loss {res.metrics.get('loss')}\n"
+          f"  checkpoint {res.checkpoint}\n  export     {res.export_dir}\n  mlflow run {res.mlflow_run_id}")
+
+
+if __name__ == "__main__":
+    main()

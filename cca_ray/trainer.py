@@ -1,0 +1,347 @@
+"""One rank of training: a DeepSpeed engine over the policy's scorer module (no Ray in here).
+
+Per optimizer step a rank runs `grad_accum` micro-steps over its own rows (train_data.BatchPlan):
+positives and their paired negatives share one forward ([pos; neg] conditions, the image codes
+twice); the frozen reference (a second, optimizer-less DeepSpeed engine) scores the same batch
+under no_grad, or its log-probs come precomputed from `pairs_ref`. The loss is
+`cca_ray.loss.objective_loss`; DeepSpeed averages gradients across ranks, clips and steps.
+Metric sums are kept per window and all-reduced over ranks when reported.
+
+`cca_ray.train` runs a Trainer in every Ray Train worker; tests and benchmarks run one in a
+one-rank process group (`local_process_group`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cca_ray import checkpoint as ckpt
+from cca_ray import tracking
+from cca_ray.config import Config, TrainConfig
+from cca_ray.loss import finalize_metrics, objective_loss
+from cca_ray.train_data import (
+    REFERENCE_OBJECTIVES,
+    BatchPlan,
+    TrainDataError,
+    TrainRows,
+    check_reference_columns,
+    make_micro_batch,
+    total_steps,
+)
+
+log = logging.getLogger("cca_ray.train")
+METRICS = ("loss", "rel_logp_pos", "rel_logp_neg", "pair_accuracy", "margin", "grad_norm", "lr", "tokens_per_s",
+           "samples_per_s")
+
+
+# -- pure pieces ------------------------------------------------------------------------
+def deepspeed_config(tc: TrainConfig, world_size: int) -> dict:
+    """The policy engine's DeepSpeed config. The optimizer is a client torch AdamW (no CPU-Adam build)."""
+    return {
+        "train_micro_batch_size_per_gpu": tc.micro_batch_size,
+        "gradient_accumulation_steps": tc.grad_accum,
+        "train_batch_size": tc.micro_batch_size * tc.grad_accum * world_size,
+        "gradient_clipping": tc.grad_clip,
+        "zero_optimization": {"stage": tc.zero_stage},
+        "bf16": {"enabled": tc.bf16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+    }
+
+
+def reference_config(tc: TrainConfig, world_size: int) -> dict:
+    """The frozen reference: no optimizer; partitioned like the policy under ZeRO-3, else replicated."""
+    return {
+        "train_micro_batch_size_per_gpu": tc.micro_batch_size,
+        "train_batch_size": tc.micro_batch_size * world_size,
+        "zero_optimization": {"stage": 3 if tc.zero_stage == 3 else 0},
+        "bf16": {"enabled": tc.bf16},
+        "steps_per_print": 2**31 - 1,
+    }
+
+
+def lr_factor(step: int, *, warmup: int, total: int, schedule: str) -> float:
+    """Multiplier of the peak lr at 0-based optimizer step `step`: linear warmup, then constant or cosine to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def quiet_deepspeed(use_gpu: bool) -> None:
+    """Silence DeepSpeed's INFO chatter; on CPU skip its shared-memory all-reduce op.
+
+    The shm op serves only `inference_all_reduce` (tensor-parallel inference), yet DeepSpeed
+    JIT-compiles it (~2 min) the first time a comm backend is created. Marking it incompatible
+    in DeepSpeed's own op-compatibility table is the one switch that skips the build; training
+    collectives go through torch.distributed (gloo) either way.
+    """
+    import deepspeed
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)
+    if not use_gpu:
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def local_process_group(port: int | None = None, backend: str = "gloo") -> None:
+    """A one-process group (tests, benchmarks): what Ray Train sets up for each worker."""
+    import socket
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    if port is None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    dist.init_process_group(backend, rank=0, world_size=1)
+
+
+# -- the recipe: setup / train / save_checkpoint ------------------------------------------
+@dataclass
+class _Window:
+    """Metric sums since the last report (this rank only)."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    grad_norm: float = 0.0
+    steps: int = 0
+    tokens: int = 0
+    samples: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+
+class Trainer:
+    """One rank's training: `setup()`, `train()`; `step_once()` runs one optimizer step (benchmarks call it).
+
+    `report(metrics, checkpoint_dir | None)` hands results out (Ray: ray.train.report); `mlflow`
+    is (tracking_uri, run_id) for rank 0; `extra_report_fn(trainer) -> dict` runs on every rank
+    every `extra_report_every` steps (Tune's FID proxy), its metrics join that step's report;
+    it samples from `trainer.adapter` inside `with trainer.gathered_weights():` (needed under ZeRO-3).
+    Metrics: tokens_per_s counts the image tokens the policy scored (2 h*w per pair for paired
+    objectives, h*w per image for sft), samples_per_s the images (pairs) per second, all ranks together.
+    """
+
+    def __init__(self, cfg: Config, section: str, *, model_dir: str | Path, data: TrainRows, rank: int = 0,
+                 world_size: int = 1, run_dir: str | Path | None = None, mlflow: tuple[str, str] | None = None,
+                 report: Callable[[dict, str | None], None] | None = None,
+                 extra_report_fn: Callable[[Trainer], dict] | None = None, extra_report_every: int | None = None):
+        self.cfg, self.section, self.tc = cfg, section, getattr(cfg, section)
+        self.model_dir, self.data = Path(model_dir), data
+        self.rank, self.world_size = rank, world_size
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.mlflow, self.report_fn = mlflow, report
+        self.extra_report_fn, self.extra_report_every = extra_report_fn, extra_report_every
+        self.plan = BatchPlan(len(data), world_size, self.tc.micro_batch_size, self.tc.grad_accum, self.tc.seed)
+        self.plan.check(data.source)
+        self.total_steps = total_steps(self.plan, self.tc.epochs, self.tc.max_steps)
+        self.online_reference = self.tc.objective in REFERENCE_OBJECTIVES and self.tc.reference == "online"
+        if self.tc.objective in REFERENCE_OBJECTIVES and not self.online_reference and data.ref_logp_pos is None:
+            raise TrainDataError(f"{data.source}: train.reference=precomputed needs the ref_logp_pos/ref_logp_neg columns")
+        if not self.online_reference:
+            check_reference_columns(data, self.tc.objective)
+        self.step = 0  # optimizer steps done == the data position
+        self.fingerprint = 0
+        self.resumed_from = 0
+        self.ref_engine = None
+        self._grad_norm = float("nan")
+        self._perm: tuple[int, Any] = (-1, None)
+
+    # -- setup ---------------------------------------------------------------------------
+    def _load(self):
+        """The starting weights on CPU; deepspeed.initialize moves them to the device (and partitions them under
+        ZeRO-3). bf16 runs load bf16 weights: DeepSpeed casts the module to bf16 before it builds its fp32
+        master copy anyway, and it halves the host memory each rank needs while loading."""
+        from cca_ray.models import load_model
+
+        return load_model(self.model_dir, device="cpu", dtype=torch.bfloat16 if self.tc.bf16 else torch.float32)
+
+    def setup(self, resume_dir: str | Path | None = None) -> Trainer:
+        import deepspeed
+
+        tc = self.tc
+        use_gpu = tc.use_gpu and torch.cuda.is_available()
+        quiet_deepspeed(use_gpu)
+        torch.manual_seed(tc.seed)
+        ds_config = deepspeed_config(tc, self.world_size)
+        self.adapter = self._load()
+        module = self.adapter.module
+        if self.cfg.model.gradient_checkpointing:
+            self.adapter.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        ckpt.freeze_untrained(module)
+        if tc.zero_stage == 3:  # the visual-slice head reads lm_head.weight without calling lm_head
+            deepspeed.zero.register_external_parameter(module, self.adapter.hf.lm_head.weight)
+        params = [p for p in module.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.adam_betas), weight_decay=tc.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, partial(lr_factor, warmup=tc.warmup_steps, total=self.total_steps, schedule=tc.schedule))
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=module, optimizer=opt, lr_scheduler=sched, config=ds_config)
+        self.engine.train()
+        if self.online_reference:
+            ref = self._load()
+            ref.module.requires_grad_(False)
+            if tc.zero_stage == 3:
+                deepspeed.zero.register_external_parameter(ref.module, ref.hf.lm_head.weight)
+            self.ref_engine = deepspeed.initialize(model=ref.module, config=reference_config(tc, self.world_size))[0]
+            self.ref_engine.eval()
+        if resume_dir is not None:
+            state = ckpt.load_engine(self.engine, resume_dir)
+            self.step, self.fingerprint = int(state["step"]), int(state["data_fingerprint"])
+            self.resumed_from = self.step
+        return self
+
+    # -- one optimizer step ----------------------------------------------------------------
+    def micro_batch_loss(self, mb) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+        """Forward one micro-batch: (loss, metric sums, image tokens scored by the policy)."""
+        h, w = mb.codes.shape[1:]
+        paired = mb.neg_prompts is not None
+        cond = self.adapter.encode_conditions(mb.pos_prompts + (mb.neg_prompts or []), (h, w))
+        codes = torch.cat([mb.codes, mb.codes]) if paired else mb.codes
+        logp = self.adapter.sequence_logprob(cond, codes, module=self.engine)
+        m = mb.num_images
+        logps = {"policy_logp_pos": logp[:m], "policy_logp_neg": logp[m:] if paired else None,
+                 "neg_is_null": mb.neg_is_null}
+        if self.ref_engine is not None:
+            with torch.no_grad():
+                ref = self.adapter.sequence_logprob(cond, codes, module=self.ref_engine)
+            logps.update(ref_logp_pos=ref[:m], ref_logp_neg=ref[m:])
+        elif mb.ref_logp_pos is not None:
+            logps.update(ref_logp_pos=mb.ref_logp_pos.to(logp.device), ref_logp_neg=mb.ref_logp_neg.to(logp.device))
+        tc = self.tc
+        loss, metrics = objective_loss(tc.objective, logps, beta=tc.beta, lam=tc.lam,
+                                       lam_unlearning=tc.lam_unlearning, num_tokens=h * w)
+        return loss, metrics, codes.shape[0] * h * w
+
+    def step_once(self, window: _Window | None = None) -> None:
+        """Optimizer step `self.step` (0-based): grad_accum micro-steps over this rank's rows."""
+        tc, plan = self.tc, self.plan
+        epoch = plan.epoch_of(self.step)
+        if self._perm[0] != epoch:
+            self._perm = (epoch, plan.permutation(epoch))
+        self.lr = float(self.engine.get_lr()[0])  # the lr this step uses (the scheduler steps inside engine.step)
+        for micro in range(tc.grad_accum):
+            rows = plan.rows(self.step, self.rank, micro, self._perm[1])
+            mb = make_micro_batch(self.data, rows, tc.objective, cond_dropout=tc.cond_dropout,
+                                  dropout_seed=(tc.seed, self.step, self.rank, micro))
+            loss, metrics, tokens = self.micro_batch_loss(mb)
+            self.engine.backward(loss)
+            if micro == tc.grad_accum - 1 and tc.zero_stage == 0 and not tc.bf16:
+                # DeepSpeed's fp32 stage-0 path clips without keeping the norm; grads are all-reduced by now
+                self._grad_norm = float(torch.nn.utils.get_total_norm(
+                    [p.grad for p in self.engine.module.parameters() if p.grad is not None]))
+            self.engine.step()
+            if window is not None:
+                for k, v in metrics.items():
+                    window.sums[k] = window.sums.get(k, 0.0) + float(v)
+                window.tokens += tokens
+                window.samples += mb.num_images
+        self.fingerprint = (self.fingerprint + plan.step_fingerprint(self.step, self._perm[1])) % (2**31 - 1)
+        self.step += 1
+        if window is not None:
+            gn = self.engine.get_global_grad_norm()
+            window.grad_norm += float(gn) if gn is not None else self._grad_norm
+            window.steps += 1
+
+    # -- the loop ----------------------------------------------------------------------------
+    def _maybe_inject_failure(self) -> None:
+        k = self.tc.inject_failure_at_step
+        if k is None or self.step + 1 != k or self.rank != self.world_size - 1 or self.run_dir is None:
+            return
+        marker = self.run_dir / f".injected_failure_step_{k}"
+        if not marker.exists():
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(f"rank {self.rank} failed on purpose at step {k}\n")
+            raise RuntimeError(f"injected failure at step {k} on rank {self.rank} (train.inject_failure_at_step)")
+
+    def reduce_window(self, window: _Window) -> dict[str, float]:
+        """All-reduce a window's sums over ranks and turn them into the reported metrics."""
+        import torch.distributed as dist
+
+        keys = sorted(window.sums)
+        vec = torch.tensor([window.sums[k] for k in keys] + [window.tokens, window.samples], dtype=torch.float64)
+        elapsed = torch.tensor([time.perf_counter() - window.start], dtype=torch.float64)
+        if dist.is_initialized() and self.world_size > 1:
+            dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+            vec, elapsed = vec.to(dev), elapsed.to(dev)  # NCCL reduces CUDA tensors only
+            dist.all_reduce(vec)  # ranks' sums add up
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+            vec, elapsed = vec.cpu(), elapsed.cpu()
+        sums = dict(zip(keys, vec[: len(keys)].tolist()))
+        out = {k: float(v) for k, v in finalize_metrics(sums).items()}
+        secs = max(float(elapsed), 1e-9)
+        out.update(grad_norm=window.grad_norm / max(1, window.steps), lr=self.lr,
+                   tokens_per_s=float(vec[-2]) / secs, samples_per_s=float(vec[-1]) / secs)
+        out.update(step=self.step, epoch=self.step / self.plan.steps_per_epoch,
+                   data_fingerprint=self.fingerprint, resumed_from_step=self.resumed_from)
+        return out
+
+    def train(self) -> dict[str, float]:
+        """Run to total_steps, reporting and checkpointing on schedule; returns the last metrics."""
+        tc, last = self.tc, {}
+        window = _Window()
+        while self.step < self.total_steps:
+            self._maybe_inject_failure()
+            self.step_once(window)
+            done = self.step == self.total_steps
+            want_ckpt = done or self.step % tc.checkpoint_every == 0
+            want_extra = self.extra_report_fn is not None and self.extra_report_every and (
+                done or self.step % self.extra_report_every == 0)
+            if not (want_ckpt or want_extra or self.step % tc.log_every == 0):
+                continue
+            last = self.reduce_window(window)
+            if want_extra:
+                last.update(self.extra_report_fn(self) or {})
+            if self.rank == 0:
+                self._log(last)
+            if want_ckpt:
+                self.save_checkpoint(last)
+            elif self.report_fn is not None:
+                self.report_fn(last, None)
+            window = _Window()
+        return last
+
+    def _log(self, metrics: dict[str, float]) -> None:
+        shown = " ".join(f"{k}={metrics[k]:.4g}" for k in METRICS if k in metrics and math.isfinite(metrics[k]))
+        # logging, not print: Ray Train tees a worker's print to stdout and to its log, so it showed twice
+        log.info("[%s] step %d/%d %s", self.section, self.step, self.total_steps, shown)
+        if self.mlflow is not None:
+            tracking.log_metrics(*self.mlflow, {k: v for k, v in metrics.items() if k != "step"}, step=self.step)
+
+    def save_checkpoint(self, metrics: dict[str, float]) -> None:
+        """Each rank writes its shard into its own temp dir and reports it; Ray merges the uploads."""
+        state = {"step": self.step, "epoch": self.plan.epoch_of(max(0, self.step - 1)),
+                 "data_fingerprint": self.fingerprint, "section": self.section, "objective": self.tc.objective}
+        with tempfile.TemporaryDirectory(prefix=f"cca_ckpt_r{self.rank}_") as tmp:
+            ckpt.save_engine(self.engine, tmp, state, self.rank)
+            if self.report_fn is not None:
+                self.report_fn(metrics, tmp)
+
+    def gathered_weights(self):
+        """Context in which `self.adapter` holds the full current weights. Collective under ZeRO-3 (every
+        rank must enter it); a no-op otherwise, where each rank's module already holds them."""
+        import contextlib
+
+        if self.tc.zero_stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()))
+
+    def cleanup(self) -> None:
+        self.engine = self.ref_engine = None

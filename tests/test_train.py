@@ -1,0 +1,184 @@
+"""Trainer pieces, and the DeepSpeed engine in one process (a one-rank gloo group, as Ray Train sets up).
+
+The multi-worker Ray Train runs (failure + resume, MLflow) are in test_train_ray.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from cca_ray import checkpoint as ckpt
+from cca_ray.config import load_config
+from cca_ray.trainer import Trainer, deepspeed_config, local_process_group, lr_factor, reference_config
+from cca_ray.train_data import BatchPlan, TrainDataError, TrainRows, make_micro_batch, total_steps
+
+WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+PROMPTS = [f"a handwritten digit {w}" for w in WORDS]
+CODEBOOK, GRID = 32, (4, 4)
+
+
+def synthetic_rows(n: int = 48, seed: int = 0) -> TrainRows:
+    """Pairs like the data stage writes them: a negative prompt that differs from the row's own."""
+    rng = np.random.default_rng(seed)
+    lab = rng.integers(0, 10, n)
+    neg = (lab + rng.integers(1, 10, n)) % 10
+    return TrainRows(codes=rng.integers(0, CODEBOOK, (n, *GRID)).astype(np.int32),
+                     prompt=[PROMPTS[i] for i in lab], neg_prompt=[PROMPTS[i] for i in neg],
+                     pos_null=rng.random(n) < 0.25, neg_null=rng.random(n) < 0.25, source="synthetic")
+
+
+def smoke_cfg(*overrides: str):
+    return load_config("smoke", overrides=["train.micro_batch_size=4", "train.grad_accum=2", *overrides])
+
+
+# -- pure pieces --------------------------------------------------------------------------
+def test_lr_factor_warmup_then_cosine():
+    f = lambda s, sched="cosine": lr_factor(s, warmup=4, total=14, schedule=sched)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(4) == 1.0 and f(9) == pytest.approx(0.5) and f(14) == pytest.approx(0.0)
+    assert f(13, "constant") == 1.0
+
+
+def test_deepspeed_configs_follow_the_train_config():
+    tc = smoke_cfg("train.zero_stage=3", "train.bf16=true", "train.grad_clip=0.5").train
+    ds = deepspeed_config(tc, world_size=2)
+    assert ds["train_batch_size"] == 4 * 2 * 2 and ds["gradient_accumulation_steps"] == 2
+    assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"] and ds["gradient_clipping"] == 0.5
+    assert reference_config(tc, 2)["zero_optimization"]["stage"] == 3  # reference partitioned like the policy
+    assert reference_config(smoke_cfg().train, 2)["zero_optimization"]["stage"] == 0
+
+
+def test_batch_plan_is_deterministic_disjoint_and_covers_each_epoch():
+    plan = BatchPlan(num_rows=50, world_size=2, micro_batch_size=3, grad_accum=2, seed=7)
+    assert plan.global_batch == 12 and plan.steps_per_epoch == 4 and total_steps(plan, 2, None) == 8
+    assert total_steps(plan, 2, 5) == 5
+    for epoch in range(2):
+        seen = np.concatenate([plan.rows(epoch * 4 + s, r, m) for s in range(4) for m in range(2) for r in range(2)])
+        assert len(set(seen.tolist())) == 48  # no row twice within an epoch; 2 leftover rows dropped
+    np.testing.assert_array_equal(plan.rows(5, 1, 1), BatchPlan(50, 2, 3, 2, 7).rows(5, 1, 1))
+    assert not np.array_equal(plan.rows(0, 0, 0), plan.rows(4, 0, 0))  # a new order every epoch
+    with pytest.raises(TrainDataError, match="fewer than one global batch"):
+        BatchPlan(10, 2, 3, 2).check("d")
+
+
+def test_micro_batch_negatives_come_from_the_pairing_and_nulls_from_the_data():
+    data = synthetic_rows()
+    rows = np.array([3, 1, 4, 15, 9, 26])
+    mb = make_micro_batch(data, rows, "cca")
+    assert mb.neg_prompts == [data.neg_prompt[i] for i in rows]  # the data's pair, whatever the batch holds
+    assert mb.neg_is_null is None
+    cfg_mb = make_micro_batch(data, rows, "cca_cfg")
+    for j, i in enumerate(rows):
+        assert cfg_mb.pos_prompts[j] == ("" if data.pos_null[i] else data.prompt[i])
+        assert cfg_mb.neg_prompts[j] == ("" if data.neg_null[i] else data.neg_prompt[i])
+    assert cfg_mb.neg_is_null.tolist() == data.neg_null[rows].tolist()
+    sft = [make_micro_batch(data, np.arange(40), "sft", cond_dropout=0.5, dropout_seed=(0, 3, 1, 0)) for _ in range(2)]
+    assert sft[0].neg_prompts is None and sft[0].pos_prompts == sft[1].pos_prompts  # a repeated step draws the same
+    assert 5 < sum(p == "" for p in sft[0].pos_prompts) < 35
+
+
+# -- DeepSpeed in one process --------------------------------------------------------------
+@pytest.fixture(scope="module")
+def process_group():
+    import torch.distributed as dist
+
+    local_process_group()
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from cca_ray.models import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "base", smoke_cfg().model, CODEBOOK, PROMPTS)
+
+
+def _params(module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def test_few_steps_change_every_trainable_parameter_and_no_reference_parameter(process_group, tiny_model):
+    cfg = smoke_cfg("train.lr=0.01", "train.max_steps=3")
+    tr = Trainer(cfg, "train", model_dir=tiny_model, data=synthetic_rows()).setup()
+    policy0, ref0 = _params(tr.engine.module), _params(tr.ref_engine.module)
+    metrics = tr.train()
+    assert tr.step == 3 and metrics["step"] == 3
+    for key in ("loss", "rel_logp_pos", "rel_logp_neg", "pair_accuracy", "grad_norm", "lr", "tokens_per_s"):
+        assert np.isfinite(metrics[key]), key
+    trainable = {n for n, p in tr.engine.module.named_parameters() if p.requires_grad}
+    assert trainable and all(not n.startswith(ckpt.FROZEN_PREFIXES) for n in trainable)
+    after = _params(tr.engine.module)
+    unchanged = [n for n in trainable if torch.equal(policy0[n], after[n])]
+    assert not unchanged, f"trainable parameters that did not move: {unchanged}"
+    frozen_moved = [n for n in policy0 if n not in trainable and not torch.equal(policy0[n], after[n])]
+    assert not frozen_moved, f"frozen (VQ-VAE) parameters that moved: {frozen_moved}"
+    ref_moved = [n for n, p in tr.ref_engine.module.named_parameters() if not torch.equal(ref0[n], p)]
+    assert not ref_moved, f"reference parameters that moved: {ref_moved}"
+    assert all(not p.requires_grad for p in tr.ref_engine.module.parameters())
+
+
+def test_precomputed_reference_gives_the_online_loss(process_group, tiny_model):
+    """ref_logp_* made by the data stage's own ReferenceScorer == the trainer's online reference engine."""
+    from cca_ray.data.reference import ReferenceScorer
+
+    data = synthetic_rows(n=16, seed=1)
+    table = pa.table({"codes": pa.array([c.ravel().tolist() for c in data.codes], pa.list_(pa.int32())),
+                      "prompt": data.prompt, "neg_prompt": data.neg_prompt, "pos_null": data.pos_null,
+                      "neg_null": data.neg_null, "source_id": [f"s{i}" for i in range(16)]})
+    scored = ReferenceScorer(str(tiny_model), "emu3", "float32", CODEBOOK, GRID)(table)
+    cols = {k: scored.column(k).to_numpy() for k in ("ref_logp_pos", "ref_logp_neg", "ref_logp_null")
+            if k in scored.column_names}
+    ref_data = TrainRows(**{**data.__dict__, **cols})
+    online = Trainer(smoke_cfg("train.objective=cca_cfg", "train.lr=0.01"), "train", model_dir=tiny_model,
+                     data=data).setup()
+    pre = Trainer(smoke_cfg("train.objective=cca_cfg", "train.lr=0.01", "train.reference=precomputed"), "train",
+                  model_dir=tiny_model, data=ref_data).setup()
+    assert pre.ref_engine is None and online.ref_engine is not None  # precomputed: no reference model at all
+    rows = np.arange(8)
+    assert (data.pos_null[rows] | data.neg_null[rows]).any()  # the batch exercises null conditions
+    # null-masked columns (no ref_logp_null) only serve cca_cfg; other objectives must refuse them
+    objectives = ("cca", "cca_cfg", "dpo") if "ref_logp_null" in cols else ("cca_cfg",)
+    if "ref_logp_null" not in cols:
+        with pytest.raises(TrainDataError, match="null flags"):
+            Trainer(smoke_cfg("train.reference=precomputed"), "train", model_dir=tiny_model, data=ref_data)
+    for objective in objectives:
+        online.tc.objective = pre.tc.objective = objective
+        l_on, m_on, _ = online.micro_batch_loss(make_micro_batch(data, rows, objective))
+        l_pre, m_pre, _ = pre.micro_batch_loss(make_micro_batch(ref_data, rows, objective))
+        assert l_pre.item() == pytest.approx(l_on.item(), abs=1e-5), objective
+        assert float(m_pre["rel_logp_pos_sum"]) == pytest.approx(float(m_on["rel_logp_pos_sum"]), abs=1e-3)
+    # after a step the policy has moved away from the reference: still the same loss both ways
+    online.tc.objective = pre.tc.objective = "cca_cfg"
+    online.step_once(), pre.step_once()
+    l_on, m_on, _ = online.micro_batch_loss(make_micro_batch(data, rows, "cca_cfg"))
+    l_pre, m_pre, _ = pre.micro_batch_loss(make_micro_batch(ref_data, rows, "cca_cfg"))
+    assert abs(float(m_on["rel_logp_pos_sum"])) > 1e-2
+    assert l_pre.item() == pytest.approx(l_on.item(), abs=1e-4)
+
+
+def test_checkpoint_resume_continues_exactly_and_exports(process_group, tiny_model, tmp_path):
+    """Steps 1-2, checkpoint, steps 3-4 == resume from the checkpoint, steps 3-4 (weights, Adam state, lr
+    schedule, data position and condition dropout all restored); the export loads with load_model."""
+    from cca_ray.models import load_model
+
+    cfg = smoke_cfg("train.objective=sft", "train.lr=0.01", "train.max_steps=4", "train.warmup_steps=3",
+                    "train.schedule=cosine", "train.cond_dropout=0.3")
+    data = synthetic_rows()
+    a = Trainer(cfg, "train", model_dir=tiny_model, data=data).setup()
+    a.step_once(), a.step_once()
+    ckpt.save_engine(a.engine, tmp_path / "ck", {"step": a.step, "data_fingerprint": a.fingerprint}, rank=0)
+    at_2 = _params(a.engine.module)
+    a.step_once(), a.step_once()
+    b = Trainer(cfg, "train", model_dir=tiny_model, data=data).setup(resume_dir=tmp_path / "ck")
+    assert b.step == 2 and b.resumed_from == 2 and b.fingerprint != 0
+    b.step_once(), b.step_once()
+    assert b.fingerprint == a.fingerprint and b.lr == a.lr
+    pa_, pb = _params(a.engine.module), _params(b.engine.module)
+    assert all(torch.equal(pa_[n], pb[n]) for n in pa_), "resumed run diverged from the uninterrupted one"
+    out = ckpt.export_model(tmp_path / "ck", tiny_model, tmp_path / "export", zero_stage=2)
+    exported = _params(load_model(out).module)
+    assert all(torch.equal(exported[n], at_2[n]) for n in at_2)

@@ -1,0 +1,96 @@
+"""The main job: search spaces, and the smoke sweep end to end on a real local Ray cluster + MLflow."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cca_ray.config import ConfigError, load_config
+from cca_ray.evaluate import format_table
+from cca_ray.sampling_jobs import balanced_prompts, image_grid
+from cca_ray.tune import load_space, with_override
+
+
+def test_spaces_of_shipped_presets_load():
+    for preset in ("smoke", "demo", "emu3-gen-a100"):
+        space = load_space(load_config(preset))
+        assert "train.lam" in space["params"] and space["metric"] == "fid_proxy"
+
+
+def test_space_naming_unknown_field_is_refused(tmp_path):
+    bad = tmp_path / "space.yaml"
+    bad.write_text("params:\n  train.lamda: {type: loguniform, low: 0.1, high: 1}\n")
+    with pytest.raises(ConfigError, match="train.lamda"):
+        load_space(load_config("smoke", overrides=[f"tune.space={bad}"]))
+    bad.write_text("params:\n  train.lam: {type: gaussian, low: 0.1, high: 1}\n")
+    with pytest.raises(ConfigError, match="type must be one of"):
+        load_space(load_config("smoke", overrides=[f"tune.space={bad}"]))
+
+
+def test_trial_overrides_are_validated():
+    cfg = load_config("smoke")
+    assert with_override(cfg, {"train.lam": 3.0}).train.lam == 3.0
+    with pytest.raises(ConfigError, match="train.lam"):
+        with_override(cfg, {"train.lam": -1.0})
+
+
+def test_balanced_prompts_and_grid():
+    prompts, labels = balanced_prompts({0: "zero", 1: "one", 2: "two"}, 7)
+    assert labels.tolist() == [0, 1, 2, 0, 1, 2, 0] and prompts[4] == "one"
+    g = image_grid(np.full((12, 4, 5, 1), 7, np.uint8), ncol=5)
+    assert g.shape == (12, 25, 1) and g[:8].min() == 7 and g[8:, 5:].max() == 0
+
+
+def test_results_table_format():
+    t = format_table([{"method": "cca", "guidance": 0.0, "fid": 1.23456, "n": 10}])
+    assert t.splitlines()[0].startswith("| method | guidance |") and "| cca | 0 | - | - | 1.235 |" in t
+
+
+@pytest.mark.e2e
+def test_smoke_main_job_end_to_end(ray_local, tmp_path):
+    """prepare -> pretrain -> CFG baseline -> ASHA sweep -> evaluation -> MLflow parent/child runs + plot."""
+    from mlflow.tracking import MlflowClient
+
+    from cca_ray.tune import run_main_job
+
+    cfg = load_config("smoke", workdir=tmp_path)
+    out = run_main_job(cfg)
+
+    assert Path(out["plot"]).stat().st_size > 10_000
+    assert [r["guidance"] for r in out["cfg_rows"]] == cfg.eval.cfg_scales
+    assert any(p["method"].startswith("cca trial-") for p in out["points"])
+    for row in out["cfg_rows"] + out["points"]:
+        assert row["n"] == cfg.eval.num_samples and np.isfinite(row["fid"]) and 0 <= row["accuracy"] <= 1
+
+    c = MlflowClient(cfg.mlflow_uri)
+    exp = c.get_experiment_by_name(cfg.experiment)
+    runs = c.search_runs([exp.experiment_id])
+    parent = next(r for r in runs if r.info.run_name == "sweep-smoke")
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == cfg.tune.num_trials
+    for child in children:  # every trial reported the proxy ASHA ranks on
+        assert c.get_metric_history(child.info.run_id, "fid_proxy"), child.info.run_name
+        assert float(child.data.params["train.lam"]) > 0
+    artifacts = {a.path for a in c.list_artifacts(parent.info.run_id)}
+    assert {"trade_off.png", "results.md", "results.csv"} <= artifacts
+    assert out["model_uri"].startswith("models:/cca-ray-smoke-best/")
+    assert c.get_registered_model("cca-ray-smoke-best").latest_versions
+
+    # the `ray job submit` path: a stage submitted through the cluster's job API
+    from ray._private.worker import global_worker
+
+    dash = global_worker.node.address_info["webui_url"]
+    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
+    r = subprocess.run(
+        [sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--address", f"http://{dash}",
+         "--working-dir", str(Path(__file__).resolve().parents[1]), "--",
+         "python", "-m", "cca_ray.evaluate", "--preset", "smoke", "--workdir", str(tmp_path),
+         "--guidance", "0", "--num-samples", "16"],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "succeeded" in (r.stdout + r.stderr)
