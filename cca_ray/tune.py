@@ -109,9 +109,34 @@ def trial_fn(config: dict, ctx: dict) -> None:
     # the trial itself holds TRIAL_CPU; its workers give that back so a sweep fits a node exactly
     cpus = cfg.train.cpus_per_worker - TRIAL_CPU / cfg.train.num_workers
     cfg = with_override(cfg, {"train.log_every": every, "train.checkpoint_every": every, "train.cpus_per_worker": cpus})
+    if cfg.tune.max_concurrent_trials == 1:
+        remove_orphan_worker_groups(cpus)
     run_training(cfg, "train", run_name=f"trial-{tune.get_context().get_trial_id()}", storage_path=ctx["trials_dir"],
                  callbacks=[TuneReportCallback()], extra_report_fn=FidProxy(ctx["setup"]), extra_report_every=every,
                  parent_run_id=ctx["parent_run_id"])
+
+
+def remove_orphan_worker_groups(bundle_cpu: float) -> int:
+    """Free worker placement groups left behind by trials that ASHA stopped.
+
+    Ray Train's own PlacementGroupCleaner does this, but it gives up when it cannot reach the
+    state API (seen with more than one Ray instance on a machine), and the next trial then waits
+    forever for CPUs. Only called when one trial runs at a time: then no live trial owns a
+    placement group of the trial-worker shape, so every such group is an orphan.
+    """
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+    removed = 0
+    for pg_id, info in placement_group_table().items():
+        bundles = list(info.get("bundles", {}).values())
+        if info.get("state") == "CREATED" and bundles and all(b.get("CPU") == bundle_cpu for b in bundles):
+            from ray._raylet import PlacementGroupID
+
+            remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg_id))))
+            removed += 1
+    if removed:
+        print(f"freed {removed} placement group(s) left by stopped trials", flush=True)
+    return removed
 
 
 def run_asha(cfg: Config, setup: EvalSetup, space: dict, sweep_dir: Path, parent_run_id: str):

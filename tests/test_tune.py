@@ -42,7 +42,7 @@ def test_balanced_prompts_and_grid():
     prompts, labels = balanced_prompts({0: "zero", 1: "one", 2: "two"}, 7)
     assert labels.tolist() == [0, 1, 2, 0, 1, 2, 0] and prompts[4] == "one"
     g = image_grid(np.full((12, 4, 5, 1), 7, np.uint8), ncol=5)
-    assert g.shape == (12, 25, 1) and g[:8].min() == 7 and g[8:, 5:].max() == 0
+    assert g.shape == (12, 25, 1) and g[:8].min() == 7 and g[8:, :10].min() == 7 and g[8:, 10:].max() == 0
 
 
 def test_results_table_format():
