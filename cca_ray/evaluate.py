@@ -132,13 +132,12 @@ def main(argv=None) -> None:
         p.add_argument("--num-samples", type=int, help="images per scale (default: eval.num_samples)")
 
     cfg, args = parse_stage_args("evaluate", "Sample a model and score it with torch-fidelity", argv, add)
-    import ray
+    from cca_ray.raycluster import ensure_ray
 
     model_path = Path(args.checkpoint or cfg.base_model_dir)
     if not (model_path / "config.json").exists():
         raise SystemExit(f"cca_ray.evaluate: error: no model at {model_path}; pass --checkpoint or run pretrain first")
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
+    ensure_ray()
     setup = eval_setup(cfg)
     scales = args.guidance if args.guidance is not None else cfg.eval.cfg_scales
     print(f"evaluating {model_path} at guidance {scales} with n={args.num_samples or cfg.eval.num_samples}")

@@ -53,10 +53,11 @@ def is_prepared(cfg: Config) -> bool:
 
 def prepare(cfg: Config, force: bool = False) -> dict[str, dict]:
     """Run the whole data stage (skipped if is_prepared(cfg) and not force). -> manifests by dataset."""
-    from cca_ray.data.pipeline import (fit_images, init_ray, run_ray, source_dataset, split_dataset, tokenize,
-                                       write_pairs, write_splits)
+    from cca_ray.data.pipeline import (fit_images, run_ray, source_dataset, split_dataset, tokenize, write_pairs,
+                                       write_splits)
     from cca_ray.data.shards import atomic_dir
     from cca_ray.data.sources import make_source
+    from cca_ray.raycluster import ensure_ray
     from cca_ray.tokenizers import build_tokenizer
 
     data_dir = cfg.data_dir
@@ -69,7 +70,7 @@ def prepare(cfg: Config, force: bool = False) -> dict[str, dict]:
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from None
     source = make_source(d)
-    init_ray()
+    ensure_ray()
     rows_ds = source_dataset(source, d)
     if tok.needs_fit:
         # k-means must see the train split before anything is encoded: keep the decoded images

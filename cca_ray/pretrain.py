@@ -18,8 +18,10 @@ from pathlib import Path
 
 from cca_ray.checkpoint import copy_dir_atomic, replace_dir
 from cca_ray.config import Config, ConfigError
-from cca_ray.train import TrainResult, ensure_ray, run_training
-from cca_ray.train_data import TrainDataError, read_manifest, read_rows
+from cca_ray.data.shards import read_manifest
+from cca_ray.raycluster import ensure_ray
+from cca_ray.train import TrainResult, run_training
+from cca_ray.train_data import TrainDataError, read_rows
 
 
 def build_init_model(cfg: Config, init_dir: Path) -> Path:

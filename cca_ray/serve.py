@@ -299,10 +299,12 @@ def main(argv=None) -> None:
 
     import ray
 
+    from cca_ray.raycluster import ensure_ray
+
     def _stop(*_):  # `kill PID` shuts down as cleanly as Ctrl-C
         raise KeyboardInterrupt
 
-    ray.init()
+    ensure_ray()
     signal.signal(signal.SIGTERM, _stop)
     try:
         url = run_app(cfg, checkpoint)

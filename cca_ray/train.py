@@ -6,7 +6,8 @@
 `run_training` is the entry Tune calls too: a TorchTrainer of `train.num_workers` workers
 (gloo on CPU, NCCL on GPU), named after the run so that the same name resumes it. Every
 `log_every` steps the all-reduced metrics go to MLflow (rank 0, into the run the driver
-created) and to `ray.train.report` (every rank; Tune's TuneReportCallback forwards rank 0's).
+created), to Prometheus gauges (rank 0, cca_ray.telemetry over ray.util.metrics) and to
+`ray.train.report` (every rank; Tune's TuneReportCallback forwards rank 0's).
 A checkpoint is a sharded DeepSpeed checkpoint that each rank writes into its own temp dir
 and reports; Ray merges them. The step counter is the data position, so a restarted worker
 group (FailureConfig) resumes at the next unseen batch. At the end the driver exports the
@@ -27,14 +28,9 @@ import torch
 from cca_ray import checkpoint as ckpt
 from cca_ray import tracking
 from cca_ray.config import Config, ConfigError, TrainConfig, dump_config, flat_params
-from cca_ray.train_data import (
-    REFERENCE_OBJECTIVES,
-    TrainDataError,
-    check_reference_columns,
-    dataset_for,
-    read_manifest,
-    read_rows,
-)
+from cca_ray.data.shards import read_manifest
+from cca_ray.raycluster import ensure_ray
+from cca_ray.train_data import REFERENCE_OBJECTIVES, TrainDataError, dataset_for, read_rows
 from cca_ray.trainer import Trainer
 
 log = logging.getLogger("cca_ray.train")
@@ -48,16 +44,6 @@ def default_run_name(cfg: Config, section: str, model_id: str) -> str:
     key["model_id"] = model_id
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
     return f"{section}-{tc.objective}-{digest}"
-
-
-def ensure_ray() -> None:
-    """Join the caller's Ray cluster, else start a local one on loopback. The dashboard stays on: Ray
-    Train's placement-group cleaner asks the state API whether the controller lives, and without
-    the dashboard it concludes "dead" and removes the workers' placement group mid-run."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
 
 
 # -- Ray Train worker entry ---------------------------------------------------------------
@@ -85,7 +71,7 @@ def train_loop_per_worker(config: dict) -> None:
     trainer = Trainer(cfg, section, model_dir=config["model_dir"], data=data, rank=ctx.get_world_rank(),
                       world_size=ctx.get_world_size(), run_dir=config["run_dir"], mlflow=config["mlflow"],
                       report=_ray_report, extra_report_fn=config.get("extra_report_fn"),
-                      extra_report_every=config.get("extra_report_every"))
+                      extra_report_every=config.get("extra_report_every"), run_name=config.get("run_name"))
     resume = ray.train.get_checkpoint()
     if resume is not None:
         with resume.as_directory() as d:
@@ -135,7 +121,6 @@ def run_training(cfg: Config, section: str = "train", *, run_name: str | None = 
         from cca_ray.data.reference import verify_reference
 
         verify_reference(data_dir, model_dir, pairs_dir=cfg.data_dir / "pairs")
-        check_reference_columns(data_dir, tc.objective)
     if run_name is None:
         from cca_ray.data.fingerprint import checkpoint_id
 
@@ -155,8 +140,8 @@ def run_training(cfg: Config, section: str = "train", *, run_name: str | None = 
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": dumped, "section": section, "model_dir": str(model_dir), "data_dir": str(data_dir),
-                           "run_dir": str(run_dir), "mlflow": (uri, run_id), "extra_report_fn": extra_report_fn,
-                           "extra_report_every": extra_report_every},
+                           "run_dir": str(run_dir), "run_name": run_name, "mlflow": (uri, run_id),
+                           "extra_report_fn": extra_report_fn, "extra_report_every": extra_report_every},
         torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                      resources_per_worker={"CPU": tc.cpus_per_worker}),

@@ -23,11 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cca_ray.data.schema import DataError
+from cca_ray.data.shards import read_dataset, read_manifest
+
 PAIRED_OBJECTIVES = ("cca", "cca_cfg", "dpo", "unlearning")
 REFERENCE_OBJECTIVES = ("cca", "cca_cfg", "dpo")  # the ones that read log p_phi
 
 
-class TrainDataError(ValueError):
+class TrainDataError(DataError):
     """Training data that cannot be used; the message names the dataset dir and the row."""
 
 
@@ -36,12 +39,10 @@ class TrainRows:
     """A dataset's rows, in memory. N rows, grid (h, w).
 
     codes int32 [N, h, w]; prompt: N strings; for pairs: neg_prompt (N strings), pos_null and
-    neg_null (bool [N]); for pairs_ref also ref_logp_pos / ref_logp_neg (float32 [N], nats).
-
-    Two conventions for the reference columns: with a ``ref_logp_null`` column (log p_phi(x | "")),
-    ref_logp_pos/neg are scored with the real prompts and cca_cfg swaps in ref_logp_null where a
-    null flag is set; without it, ref_logp_pos/neg were scored with the null flags already applied
-    (valid for cca_cfg, and for every objective only on rows without a flag).
+    neg_null (bool [N]); for pairs_ref also the reference log-probs (float32 [N], nats):
+    ref_logp_pos = log p_phi(x | prompt), ref_logp_neg = log p_phi(x | neg_prompt) (the real
+    prompts, whatever the null flags say) and ref_logp_null = log p_phi(x | ""). cca_cfg takes
+    ref_logp_null where a flag replaced a condition by "" (make_micro_batch); cca and dpo ignore the flags.
     """
 
     codes: np.ndarray
@@ -72,47 +73,35 @@ def dataset_for(objective: str, reference: str) -> str:
     return "pairs_ref" if reference == "precomputed" else "pairs"
 
 
-def read_manifest(dataset_dir: str | Path) -> dict:
-    """The dataset's manifest.json (DataError naming the dir if it is missing or incomplete)."""
-    from cca_ray.data.shards import read_manifest as _read
-
-    return _read(dataset_dir)
-
-
 def read_rows(dataset_dir: str | Path, *, pairs: bool, reference: bool) -> TrainRows:
-    """Read (and validate, via the data package) a dataset dir's shards into TrainRows."""
-    from cca_ray.data.shards import read_dataset
+    """Read a dataset dir's shards into TrainRows.
 
+    `cca_ray.data.read_dataset` does the reading and the checks that name file and row (manifest,
+    shards, columns of the dataset's schema, every row's grid and code range against the
+    tokenizer, row count); this adds what training needs on top: the columns of `pairs`/`reference`,
+    a prompt on every row, finite reference log-probs (TrainDataError naming the row and source_id).
+    """
     dataset_dir = Path(dataset_dir)
     manifest = read_manifest(dataset_dir)
-    cols = ["codes", "grid_h", "grid_w", "prompt", "source_id"]
+    cols = ["codes", "prompt", "source_id"]
     cols += ["neg_prompt", "pos_null", "neg_null"] if pairs else []
-    cols += ["ref_logp_pos", "ref_logp_neg"] if reference else []
+    cols += ["ref_logp_pos", "ref_logp_neg", "ref_logp_null"] if reference else []
     t = read_dataset(dataset_dir)
-    if reference and "ref_logp_null" in t.column_names:
-        cols.append("ref_logp_null")
     missing = [c for c in cols if c not in t.column_names]
     if missing:
-        raise TrainDataError(f"{dataset_dir}: missing column(s) {', '.join(missing)}")
+        raise TrainDataError(f"{dataset_dir}: missing column(s) {', '.join(missing)} (a {manifest.get('dataset')} "
+                             f"dataset; {'pairs_ref' if reference else 'pairs'} has them)")
     t = t.select(cols)
     if len(t) == 0:
         raise TrainDataError(f"{dataset_dir}: no rows")
-    gh, gw = t.column("grid_h").to_numpy(), t.column("grid_w").to_numpy()
-    bad = np.flatnonzero((gh != gh[0]) | (gw != gw[0]))
-    if bad.size:
-        i = int(bad[0])
-        raise TrainDataError(f"{dataset_dir}: row {i} ({t.column('source_id')[i]}) has grid {gh[i]}x{gw[i]}, "
-                             f"row 0 has {gh[0]}x{gw[0]}; one run trains on one grid")
-    codes = t.column("codes").combine_chunks()
-    flat = codes.values.to_numpy(zero_copy_only=False).astype(np.int32)
-    if flat.size != len(t) * gh[0] * gw[0]:
-        raise TrainDataError(f"{dataset_dir}: codes lengths do not match grid_h*grid_w={gh[0] * gw[0]}")
+    gh, gw = (int(g) for g in manifest["grid"])  # read_dataset checked every row against it
+    sids = t.column("source_id").to_pylist()
 
     def strings(name: str) -> list[str]:
         vals = t.column(name).to_pylist()
         for i, v in enumerate(vals):
             if v is None:
-                raise TrainDataError(f"{dataset_dir}: row {i} ({t.column('source_id')[i]}) has no {name}; "
+                raise TrainDataError(f"{dataset_dir}: row {i} ({sids[i]}) has no {name}; "
                                      "the Emu3 family is conditioned on text prompts")
         return vals
 
@@ -120,18 +109,22 @@ def read_rows(dataset_dir: str | Path, *, pairs: bool, reference: bool) -> Train
         arr = t.column(name).to_numpy(zero_copy_only=False).astype(np.float32)
         if not np.isfinite(arr).all():
             i = int(np.flatnonzero(~np.isfinite(arr))[0])
-            raise TrainDataError(f"{dataset_dir}: row {i} has a non-finite {name}")
+            raise TrainDataError(f"{dataset_dir}: row {i} ({sids[i]}) has a non-finite {name} ({arr[i]})")
         return arr
 
+    def flags(name: str) -> np.ndarray:
+        return t.column(name).to_numpy(zero_copy_only=False).astype(bool)
+
+    flat = t.column("codes").combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(np.int32)
     return TrainRows(
-        codes=flat.reshape(len(t), int(gh[0]), int(gw[0])),
+        codes=flat.reshape(len(t), gh, gw),
         prompt=strings("prompt"),
         neg_prompt=strings("neg_prompt") if pairs else None,
-        pos_null=t.column("pos_null").to_numpy(zero_copy_only=False).astype(bool) if pairs else None,
-        neg_null=t.column("neg_null").to_numpy(zero_copy_only=False).astype(bool) if pairs else None,
+        pos_null=flags("pos_null") if pairs else None,
+        neg_null=flags("neg_null") if pairs else None,
         ref_logp_pos=floats("ref_logp_pos") if reference else None,
         ref_logp_neg=floats("ref_logp_neg") if reference else None,
-        ref_logp_null=floats("ref_logp_null") if "ref_logp_null" in cols else None,
+        ref_logp_null=floats("ref_logp_null") if reference else None,
         source=str(dataset_dir),
         manifest=manifest,
     )
@@ -237,33 +230,27 @@ def make_micro_batch(data: TrainRows, rows: np.ndarray, objective: str, *, cond_
     ref = (None, None)
     if data.ref_logp_pos is not None and neg is not None:
         ref_pos, ref_neg = data.ref_logp_pos[rows], data.ref_logp_neg[rows]
-        if objective == "cca_cfg" and data.ref_logp_null is not None:
-            ref_pos = np.where(data.pos_null[rows], data.ref_logp_null[rows], ref_pos)
-            ref_neg = np.where(data.neg_null[rows], data.ref_logp_null[rows], ref_neg)
+        if objective == "cca_cfg":  # a condition the flags replaced by "" is scored by p_phi(x | "")
+            null_pos, null_neg = data.pos_null[rows], data.neg_null[rows]
+            if data.ref_logp_null is None and (null_pos.any() or null_neg.any()):
+                raise TrainDataError(f"{data.source}: objective cca_cfg needs the ref_logp_null column for rows "
+                                     "whose pos_null/neg_null flag is set")
+            if data.ref_logp_null is not None:
+                ref_pos = np.where(null_pos, data.ref_logp_null[rows], ref_pos)
+                ref_neg = np.where(null_neg, data.ref_logp_null[rows], ref_neg)
         ref = (torch.from_numpy(np.ascontiguousarray(ref_pos)), torch.from_numpy(np.ascontiguousarray(ref_neg)))
     return MicroBatch(codes, pos, neg, neg_null, ref[0], ref[1], rows)
 
 
-def check_reference_columns(data: TrainRows | str | Path, objective: str) -> None:
-    """Refuse precomputed columns that were scored with null masking for an objective that ignores it.
-    `data`: rows in memory, or a pairs_ref dir (only its null flags are read: the driver's early check)."""
-    if isinstance(data, (str, Path)):
-        import pyarrow.parquet as pq
-
-        files = sorted(Path(data).glob("*.parquet"))
-        if objective == "cca_cfg" or not files or "ref_logp_null" in pq.read_schema(files[0]).names:
-            return
-        flags = [pq.read_table(f, columns=["pos_null", "neg_null"]) for f in files]
-        data = TrainRows(codes=np.zeros((0, 1, 1), np.int32), prompt=[], source=str(data),
-                         pos_null=np.concatenate([t.column("pos_null").to_numpy(zero_copy_only=False) for t in flags]),
-                         neg_null=np.concatenate([t.column("neg_null").to_numpy(zero_copy_only=False) for t in flags]),
-                         ref_logp_pos=np.zeros(0, np.float32))
-    if data.ref_logp_pos is None or data.ref_logp_null is not None or objective == "cca_cfg":
+def check_reference_columns(data: TrainRows, objective: str) -> None:
+    """Refuse rows that lack the precomputed log p_phi columns `objective` reads (train.reference=precomputed):
+    ref_logp_pos/ref_logp_neg for cca, cca_cfg and dpo, and ref_logp_null for cca_cfg when any row is flagged."""
+    if objective not in REFERENCE_OBJECTIVES:
         return
-    flagged = np.flatnonzero(data.pos_null | data.neg_null)
-    if flagged.size:
-        raise TrainDataError(
-            f"{data.source}: ref_logp_pos/ref_logp_neg were scored with the CCA+CFG null flags applied (no "
-            f"ref_logp_null column), so on {flagged.size} rows (first: row {int(flagged[0])}) they are not "
-            f"log p_phi(x|c) as objective {objective} needs; use train.reference=online, data.null_prob=0, "
-            "or a pairs_ref with a ref_logp_null column")
+    missing = [n for n in ("ref_logp_pos", "ref_logp_neg") if getattr(data, n) is None]
+    flagged = objective == "cca_cfg" and data.pos_null is not None and bool((data.pos_null | data.neg_null).any())
+    if flagged and data.ref_logp_null is None:
+        missing.append("ref_logp_null")
+    if missing:
+        raise TrainDataError(f"{data.source}: train.reference=precomputed with objective {objective} needs the "
+                             f"{', '.join(missing)} column(s) of pairs_ref (the reference pass)")

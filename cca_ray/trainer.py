@@ -30,10 +30,10 @@ from cca_ray import checkpoint as ckpt
 from cca_ray import tracking
 from cca_ray.config import Config, TrainConfig
 from cca_ray.loss import finalize_metrics, objective_loss
+from cca_ray.telemetry import TrainMetrics
 from cca_ray.train_data import (
     REFERENCE_OBJECTIVES,
     BatchPlan,
-    TrainDataError,
     TrainRows,
     check_reference_columns,
     make_micro_batch,
@@ -130,8 +130,9 @@ class Trainer:
     """One rank's training: `setup()`, `train()`; `step_once()` runs one optimizer step (benchmarks call it).
 
     `report(metrics, checkpoint_dir | None)` hands results out (Ray: ray.train.report); `mlflow`
-    is (tracking_uri, run_id) for rank 0; `extra_report_fn(trainer) -> dict` runs on every rank
-    every `extra_report_every` steps (Tune's FID proxy), its metrics join that step's report;
+    is (tracking_uri, run_id) for rank 0, which also sets the Prometheus gauges of cca_ray.telemetry
+    (tags: run=`run_name`, default the run dir's name; objective); `extra_report_fn(trainer) -> dict`
+    runs on every rank every `extra_report_every` steps (Tune's FID proxy), its metrics join that step's report;
     it samples from `trainer.adapter` inside `with trainer.gathered_weights():` (needed under ZeRO-3).
     Metrics: tokens_per_s counts the image tokens the policy scored (2 h*w per pair for paired
     objectives, h*w per image for sft), samples_per_s the images (pairs) per second, all ranks together.
@@ -140,19 +141,21 @@ class Trainer:
     def __init__(self, cfg: Config, section: str, *, model_dir: str | Path, data: TrainRows, rank: int = 0,
                  world_size: int = 1, run_dir: str | Path | None = None, mlflow: tuple[str, str] | None = None,
                  report: Callable[[dict, str | None], None] | None = None,
-                 extra_report_fn: Callable[[Trainer], dict] | None = None, extra_report_every: int | None = None):
+                 extra_report_fn: Callable[[Trainer], dict] | None = None, extra_report_every: int | None = None,
+                 run_name: str | None = None):
         self.cfg, self.section, self.tc = cfg, section, getattr(cfg, section)
         self.model_dir, self.data = Path(model_dir), data
         self.rank, self.world_size = rank, world_size
         self.run_dir = Path(run_dir) if run_dir else None
+        self.run_name = run_name or (self.run_dir.name if self.run_dir else section)
+        # rank 0 exports the all-reduced curves (one series per run, not one per rank); a no-op outside Ray
+        self.telemetry = TrainMetrics() if rank == 0 else None
         self.mlflow, self.report_fn = mlflow, report
         self.extra_report_fn, self.extra_report_every = extra_report_fn, extra_report_every
         self.plan = BatchPlan(len(data), world_size, self.tc.micro_batch_size, self.tc.grad_accum, self.tc.seed)
         self.plan.check(data.source)
         self.total_steps = total_steps(self.plan, self.tc.epochs, self.tc.max_steps)
         self.online_reference = self.tc.objective in REFERENCE_OBJECTIVES and self.tc.reference == "online"
-        if self.tc.objective in REFERENCE_OBJECTIVES and not self.online_reference and data.ref_logp_pos is None:
-            raise TrainDataError(f"{data.source}: train.reference=precomputed needs the ref_logp_pos/ref_logp_neg columns")
         if not self.online_reference:
             check_reference_columns(data, self.tc.objective)
         self.step = 0  # optimizer steps done == the data position
@@ -322,6 +325,8 @@ class Trainer:
         log.info("[%s] step %d/%d %s", self.section, self.step, self.total_steps, shown)
         if self.mlflow is not None:
             tracking.log_metrics(*self.mlflow, {k: v for k, v in metrics.items() if k != "step"}, step=self.step)
+        if self.telemetry is not None:
+            self.telemetry.record(metrics, {"run": self.run_name, "objective": self.tc.objective})
 
     def save_checkpoint(self, metrics: dict[str, float]) -> None:
         """Each rank writes its shard into its own temp dir and reports it; Ray merges the uploads."""

@@ -1,6 +1,7 @@
 """The prepare stage end to end on a real local Ray cluster (smoke sizes)."""
 
 import io
+import json
 
 import numpy as np
 import pyarrow as pa
@@ -135,35 +136,62 @@ def test_cli_reports_bad_input_and_exit_code(ray_local, tmp_path, capsys):
 def test_reference_pass_and_verification(smoke, tmp_path):
     import torch
 
-    from cca_ray.data.reference import ReferenceMismatchError, reference_pass
+    from cca_ray.data.reference import REFERENCE_VERSION, ReferenceMismatchError, reference_pass
     from cca_ray.models import build_tiny_model, load_model
 
     prompts = [digit_prompt(i) for i in range(10)]
     base = build_tiny_model(tmp_path / "base", smoke.model, codebook_size=32, prompts=prompts)
     m = reference_pass(smoke, base)
     assert m["reference"]["checkpoint_id"].startswith("sha256:")
+    assert m["reference"]["version"] == REFERENCE_VERSION
     ref = read_dataset(smoke.data_dir / "pairs_ref")
-    assert ref.schema.field("ref_logp_pos").type == pa.float32()
-    lp_pos = ref["ref_logp_pos"].to_numpy()
-    assert np.isfinite(lp_pos).all() and (lp_pos < 0).all()
-    # spot-check against the model API directly, null rows scored with the "" prompt
+    for name in ("ref_logp_pos", "ref_logp_neg", "ref_logp_null"):
+        assert ref.schema.field(name).type == pa.float32()
+        lp = ref[name].to_numpy()
+        assert np.isfinite(lp).all() and (lp < 0).all(), name
+    # spot-check against the model API directly: real prompts whatever the null flags, and the "" prompt
     model = load_model(base)
-    rows = ref.slice(0, 16).to_pylist()
+    flagged = [i for i, (a, b) in enumerate(zip(ref["pos_null"].to_pylist(), ref["neg_null"].to_pylist())) if a or b]
+    rows = ref.take(flagged[:4] + list(range(12))).to_pylist()
     codes = torch.tensor([r["codes"] for r in rows]).view(-1, 4, 4)
-    pos = ["" if r["pos_null"] else r["prompt"] for r in rows]
-    neg = ["" if r["neg_null"] else r["neg_prompt"] for r in rows]
     with torch.no_grad():
-        want_pos = model.sequence_logprob(model.encode_conditions(pos, (4, 4)), codes).numpy()
-        want_neg = model.sequence_logprob(model.encode_conditions(neg, (4, 4)), codes).numpy()
-    np.testing.assert_allclose([r["ref_logp_pos"] for r in rows], want_pos, rtol=1e-4, atol=1e-3)
-    np.testing.assert_allclose([r["ref_logp_neg"] for r in rows], want_neg, rtol=1e-4, atol=1e-3)
+        for name, prompts in (("ref_logp_pos", [r["prompt"] for r in rows]),
+                              ("ref_logp_neg", [r["neg_prompt"] for r in rows]), ("ref_logp_null", [""] * len(rows))):
+            want = model.sequence_logprob(model.encode_conditions(prompts, (4, 4)), codes).numpy()
+            np.testing.assert_allclose([r[name] for r in rows], want, rtol=1e-4, atol=1e-3, err_msg=name)
 
     assert verify_reference(smoke.data_dir / "pairs_ref", base, smoke.data_dir / "pairs")["reference"]["path"]
     assert reference_pass(smoke, base)["created"] == m["created"]  # up to date: not recomputed
+    # a pairs_ref from the version-1 pass (flags applied, no ref_logp_null) is stale: recomputed
+    mf = smoke.data_dir / "pairs_ref" / "manifest.json"
+    old = json.loads(mf.read_text())
+    old["reference"].pop("version")
+    mf.write_text(json.dumps(old))
+    with pytest.raises(ReferenceMismatchError, match="reference pass version 1"):
+        verify_reference(smoke.data_dir / "pairs_ref", base, smoke.data_dir / "pairs")
+    assert reference_pass(smoke, base)["reference"]["version"] == REFERENCE_VERSION
+    assert verify_reference(smoke.data_dir / "pairs_ref", base, smoke.data_dir / "pairs")
     other = build_tiny_model(tmp_path / "other", smoke.model.model_copy(update={"seed": 1}), codebook_size=32,
                              prompts=prompts)
     with pytest.raises(ReferenceMismatchError, match="were computed with reference checkpoint sha256:"):
         verify_reference(smoke.data_dir / "pairs_ref", other)
+
+
+def test_ordered_datasets_is_scoped_to_the_datasets_built_inside(ray_local):
+    """preserve_order rides on the datasets made inside the block (and what derives from them), not on the
+    process's DataContext that Ray Train / Tune datasets read."""
+    import ray.data
+
+    from cca_ray.data.pipeline import ordered_datasets
+
+    before = ray.data.DataContext.get_current().execution_options.preserve_order
+    with ordered_datasets():
+        ds = ray.data.from_items([{"i": i} for i in range(8)], override_num_blocks=4)
+    assert ray.data.DataContext.get_current().execution_options.preserve_order == before
+    derived = ds.map_batches(lambda b: b, batch_format="pyarrow").materialize()
+    assert ds.context.execution_options.preserve_order and derived.context.execution_options.preserve_order
+    assert [r["i"] for r in derived.take_all()] == list(range(8))
+    assert ray.data.from_items([{"i": 0}]).context.execution_options.preserve_order == before  # made outside
 
 
 def test_prepare_with_emu3_vqvae_tokenizer(ray_local, tmp_path):

@@ -1,24 +1,67 @@
-"""Reference-pass pieces that need no Ray: condition selection and checkpoint verification."""
+"""Reference-pass pieces that need no Ray: condition selection, the scorer's columns, checkpoint verification."""
 
 import json
 
 import numpy as np
+import pyarrow as pa
 import pytest
+import torch
 
-from cca_ray.data.reference import ReferenceMismatchError, _conditions, verify_reference
-from cca_ray.data.schema import DataError
+from cca_ray.config import load_config
+from cca_ray.data.reference import REFERENCE_VERSION, ReferenceMismatchError, _conditions, verify_reference
+from cca_ray.data.schema import PAIRS_REF_SCHEMA, DataError
+
+PROMPTS = [f"a handwritten digit {w}" for w in ("zero", "one", "two", "three")]
+CODEBOOK, GRID = 32, (4, 4)
 
 
-def test_null_flags_select_the_empty_prompt():
-    got = _conditions(["a cat", "a dog", None], np.array([False, True, True]), ["s0", "s1", "s2"], "prompt")
-    assert got == ["a cat", "", ""]  # a null row needs no prompt at all
-
-
-def test_empty_prompt_where_needed_names_the_row():
+def test_conditions_are_the_real_prompts_and_a_missing_one_names_the_row():
+    assert _conditions(["a cat", "a dog"], ["s0", "s1"], "prompt") == ["a cat", "a dog"]
     with pytest.raises(DataError, match=r"^f\.parquet#4: empty neg_prompt"):
-        _conditions(["a cat", "  "], np.array([False, False]), ["f.parquet#3", "f.parquet#4"], "neg_prompt")
+        _conditions(["a cat", "  "], ["f.parquet#3", "f.parquet#4"], "neg_prompt")
     with pytest.raises(DataError, match=r"^f\.parquet#3: empty prompt"):
-        _conditions([None], np.array([False]), ["f.parquet#3"], "prompt")
+        _conditions([None], ["f.parquet#3"], "prompt")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from cca_ray.models import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("ref") / "base", load_config("smoke").model, CODEBOOK, PROMPTS)
+
+
+def test_scorer_scores_real_prompts_whatever_the_null_flags_and_adds_ref_logp_null(tiny_model):
+    """ref_logp_pos/neg = log p(x | the row's prompts) on flagged rows too; ref_logp_null = log p(x | "")."""
+    from cca_ray.data.reference import ReferenceScorer
+    from cca_ray.models import load_model
+
+    rng = np.random.default_rng(0)
+    n = 6
+    codes = rng.integers(0, CODEBOOK, (n, *GRID))
+    pos = [PROMPTS[i % 4] for i in range(n)]
+    neg = [PROMPTS[(i + 1) % 4] for i in range(n)]
+    table = pa.table({"codes": pa.array([c.ravel().tolist() for c in codes], pa.list_(pa.int32())),
+                      "prompt": pos, "neg_prompt": neg, "source_id": [f"s{i}" for i in range(n)],
+                      "pos_null": [True, False, True, False, False, True],
+                      "neg_null": [False, True, True, False, True, False]})
+    scored = ReferenceScorer(str(tiny_model), "emu3", "float32", CODEBOOK, GRID)(table)
+    for name in ("ref_logp_pos", "ref_logp_neg", "ref_logp_null"):
+        assert scored.schema.field(name).type == PAIRS_REF_SCHEMA.field(name).type == pa.float32()
+
+    model = load_model(tiny_model)
+    x = torch.from_numpy(codes).long()
+    with torch.no_grad():
+        want = {"ref_logp_pos": model.sequence_logprob(model.encode_conditions(pos, GRID), x),
+                "ref_logp_neg": model.sequence_logprob(model.encode_conditions(neg, GRID), x),
+                "ref_logp_null": model.sequence_logprob(model.encode_conditions([""] * n, GRID), x)}
+    for name, w in want.items():
+        np.testing.assert_allclose(scored[name].to_numpy(), w.numpy(), rtol=1e-5, atol=1e-4, err_msg=name)
+    # on flagged rows the null score differs from the real prompts' by far more than the tolerance, so a
+    # scorer that still applied the flags (version 1) would fail the comparison above
+    null, flagged = want["ref_logp_null"].numpy(), np.array(table["pos_null"]) | np.array(table["neg_null"])
+    assert flagged.any()
+    for name in ("ref_logp_pos", "ref_logp_neg"):
+        assert np.abs(null - want[name].numpy())[flagged].min() > 1e-3, name
 
 
 def _pairs_ref(tmp_path, reference, pairing=None):
@@ -26,7 +69,7 @@ def _pairs_ref(tmp_path, reference, pairing=None):
     d.mkdir(parents=True, exist_ok=True)
     m = {"schema_version": 1, "dataset": "pairs_ref", "pairing": pairing or {"seed": 0}}
     if reference is not None:
-        m["reference"] = reference
+        m["reference"] = {"version": REFERENCE_VERSION, **reference}
     (d / "manifest.json").write_text(json.dumps(m))
     return d
 
@@ -38,6 +81,17 @@ def test_verify_reference_accepts_id_and_refuses_others(tmp_path):
         verify_reference(d, "sha256:bbbb")
     with pytest.raises(ReferenceMismatchError, match="records no reference checkpoint id"):
         verify_reference(_pairs_ref(tmp_path / "x", None), "sha256:aaaa")
+
+
+def test_verify_reference_refuses_a_pairs_ref_from_an_older_reference_pass(tmp_path):
+    """Version 1 (no 'version' recorded) scored flagged rows with "" and had no ref_logp_null: stale."""
+    old = _pairs_ref(tmp_path, {"checkpoint_id": "sha256:aaaa"})
+    m = json.loads((old / "manifest.json").read_text())
+    del m["reference"]["version"]
+    (old / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ReferenceMismatchError, match=f"reference pass version 1, this code reads version "
+                                                     f"{REFERENCE_VERSION}"):
+        verify_reference(old, "sha256:aaaa")
 
 
 def test_verify_reference_refuses_a_stale_pairing(tmp_path):

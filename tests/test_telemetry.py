@@ -260,3 +260,40 @@ def test_every_dashboard_metric_is_exported(ray_local):
     # Ray's own node metrics the dashboards chart are there too (GPU ones need a GPU)
     assert {"ray_node_cpu_utilization", "ray_node_mem_used", "ray_node_mem_total"} <= set(samples)
     print("exported cca metrics:", " ".join(sorted(n for n in samples if n.startswith("ray_cca_"))))
+
+
+@pytest.mark.e2e
+def test_training_exports_every_train_metric_a_dashboard_charts(ray_local, tmp_path):
+    """A real 2-step CCA run (smoke preset, 2 Ray Train workers, DeepSpeed) exports, from rank 0, every
+    ray_cca_train_* series the dashboards query, tagged with the run's name and objective."""
+    from cca_ray.config import load_config
+    from cca_ray.prepare import prepare
+    from cca_ray.pretrain import build_init_model
+    from cca_ray.train import run_training
+
+    ray = ray_local
+    cfg = load_config("smoke", overrides=["train.max_steps=2", "train.log_every=1", "train.checkpoint_every=2"],
+                      workdir=tmp_path)
+    prepare(cfg)
+    model_dir = build_init_model(cfg, tmp_path / "init")  # random init: the curves' values do not matter here
+    run = f"telemetry-{time.time_ns()}"
+    res = run_training(cfg, "train", run_name=run, model_dir=model_dir, export=False)
+    assert res.metrics["step"] == 2
+
+    wanted = {n for n in queried_names(our_dashboards()) if n.startswith("ray_cca_train_")}
+    assert len(wanted) >= 8, wanted  # loss, relative likelihoods, accuracy, margin, throughput, lr, ...
+    port = next(n for n in ray.nodes() if n["Alive"])["MetricsExportPort"]
+    ours: dict[str, list] = {}
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # Ray exports every ~10 s; usually the series are there at once
+        ours = {name: [(labels, v) for labels, v in series if labels.get("run") == run]
+                for name, series in _scrape(port).items() if name.startswith("ray_cca_train_")}
+        if wanted <= {name for name, series in ours.items() if series}:
+            break
+        time.sleep(2)
+    missing = sorted(n for n in wanted if not ours.get(n))
+    assert not missing, f"run {run}: not exported after 60 s: {missing}; seen: {sorted(ours)}"
+    # one series per run (rank 0 only), at the final step, tagged with the objective
+    assert [v for _, v in ours["ray_cca_train_step"]] == [2.0], ours["ray_cca_train_step"]
+    assert all(labels["objective"] == "cca" for series in ours.values() for labels, _ in series)
+    assert ours["ray_cca_train_tokens_per_s"][0][1] > 0

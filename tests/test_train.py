@@ -13,7 +13,8 @@ import torch
 from cca_ray import checkpoint as ckpt
 from cca_ray.config import load_config
 from cca_ray.trainer import Trainer, deepspeed_config, local_process_group, lr_factor, reference_config
-from cca_ray.train_data import BatchPlan, TrainDataError, TrainRows, make_micro_batch, total_steps
+from cca_ray.train_data import (BatchPlan, TrainDataError, TrainRows, check_reference_columns, make_micro_batch,
+                                 total_steps)
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 PROMPTS = [f"a handwritten digit {w}" for w in WORDS]
@@ -80,6 +81,66 @@ def test_micro_batch_negatives_come_from_the_pairing_and_nulls_from_the_data():
     assert 5 < sum(p == "" for p in sft[0].pos_prompts) < 35
 
 
+def test_micro_batch_reference_columns_follow_the_objective():
+    """cca/dpo read ref_logp_pos/neg as scored (real prompts); cca_cfg takes ref_logp_null where a flag is set."""
+    data = synthetic_rows()
+    n = len(data)
+    data.ref_logp_pos = np.arange(n, dtype=np.float32)
+    data.ref_logp_neg = np.arange(n, dtype=np.float32) + 100
+    data.ref_logp_null = np.arange(n, dtype=np.float32) + 1000
+    rows = np.arange(n)
+    assert data.pos_null.any() and data.neg_null.any() and not (data.pos_null & data.neg_null).all()
+    for objective in ("cca", "dpo"):
+        mb = make_micro_batch(data, rows, objective)
+        assert mb.ref_logp_pos.tolist() == data.ref_logp_pos.tolist()
+        assert mb.ref_logp_neg.tolist() == data.ref_logp_neg.tolist()
+    mb = make_micro_batch(data, rows, "cca_cfg")
+    assert mb.ref_logp_pos.tolist() == np.where(data.pos_null, data.ref_logp_null, data.ref_logp_pos).tolist()
+    assert mb.ref_logp_neg.tolist() == np.where(data.neg_null, data.ref_logp_null, data.ref_logp_neg).tolist()
+    # without ref_logp_null, cca_cfg cannot score a flagged row; cca and dpo do not need it
+    data.ref_logp_null = None
+    check_reference_columns(data, "cca"), check_reference_columns(data, "dpo")
+    with pytest.raises(TrainDataError, match="needs the ref_logp_null column"):
+        check_reference_columns(data, "cca_cfg")
+    with pytest.raises(TrainDataError, match="ref_logp_null"):
+        make_micro_batch(data, rows, "cca_cfg")
+
+
+def test_read_rows_reads_pairs_ref_through_the_data_package(tmp_path):
+    """read_rows uses cca_ray.data's reader: its file/row errors, plus the trainer's own row checks."""
+    from cca_ray.data.schema import PAIRS_REF_SCHEMA, DataError
+    from cca_ray.data.shards import make_manifest, write_manifest, write_table_shards
+    from cca_ray.train_data import read_rows
+
+    data = synthetic_rows(n=10)
+    cols = {"codes": [c.ravel().tolist() for c in data.codes], "grid_h": [4] * 10, "grid_w": [4] * 10,
+            "label": [None] * 10, "prompt": data.prompt, "source_id": [f"f.parquet#{i}" for i in range(10)],
+            "neg_label": [None] * 10, "neg_prompt": data.neg_prompt, "pos_null": data.pos_null,
+            "neg_null": data.neg_null, "ref_logp_pos": np.full(10, -50.0), "ref_logp_neg": np.full(10, -51.0),
+            "ref_logp_null": np.full(10, -52.0)}
+
+    def write(name: str, table: pa.Table):
+        d = tmp_path / name
+        d.mkdir()
+        files = write_table_shards(table, d, shard_rows=4)
+        tok = {"family": "kmeans", "grid": list(GRID), "codebook_size": CODEBOOK}
+        write_manifest(d, make_manifest("pairs_ref", tok, len(table), files))
+        return d
+
+    rows = read_rows(write("ok", pa.table(cols, schema=PAIRS_REF_SCHEMA)), pairs=True, reference=True)
+    assert rows.grid == GRID and np.array_equal(rows.codes, data.codes) and rows.ref_logp_null.tolist() == [-52.0] * 10
+    bad = dict(cols, codes=[c.ravel().tolist() for c in data.codes[:6]] + [[CODEBOOK] * 16] + cols["codes"][7:])
+    with pytest.raises(DataError, match=r"part-00001\.parquet: row 2: code 32 is outside the codebook"):
+        read_rows(write("bad_code", pa.table(bad, schema=PAIRS_REF_SCHEMA)), pairs=True, reference=True)
+    nan = dict(cols, ref_logp_null=np.where(np.arange(10) == 3, np.nan, -52.0))
+    with pytest.raises(TrainDataError, match=r"row 3 \(f\.parquet#3\) has a non-finite ref_logp_null"):
+        read_rows(write("nan", pa.table(nan, schema=PAIRS_REF_SCHEMA)), pairs=True, reference=True)
+    old = pa.table({k: v for k, v in cols.items() if k != "ref_logp_null"},
+                   schema=pa.schema([f for f in PAIRS_REF_SCHEMA if f.name != "ref_logp_null"]))
+    with pytest.raises(DataError, match="missing column.*ref_logp_null"):  # a version-1 pairs_ref
+        read_rows(write("old", old), pairs=True, reference=True)
+
+
 # -- DeepSpeed in one process --------------------------------------------------------------
 @pytest.fixture(scope="module")
 def process_group():
@@ -122,7 +183,8 @@ def test_few_steps_change_every_trainable_parameter_and_no_reference_parameter(p
 
 
 def test_precomputed_reference_gives_the_online_loss(process_group, tiny_model):
-    """ref_logp_* made by the data stage's own ReferenceScorer == the trainer's online reference engine."""
+    """ref_logp_* made by the data stage's own ReferenceScorer == the trainer's online reference engine,
+    for cca and dpo (real prompts, flags ignored) and cca_cfg (ref_logp_null where a flag is set)."""
     from cca_ray.data.reference import ReferenceScorer
 
     data = synthetic_rows(n=16, seed=1)
@@ -130,34 +192,32 @@ def test_precomputed_reference_gives_the_online_loss(process_group, tiny_model):
                       "prompt": data.prompt, "neg_prompt": data.neg_prompt, "pos_null": data.pos_null,
                       "neg_null": data.neg_null, "source_id": [f"s{i}" for i in range(16)]})
     scored = ReferenceScorer(str(tiny_model), "emu3", "float32", CODEBOOK, GRID)(table)
-    cols = {k: scored.column(k).to_numpy() for k in ("ref_logp_pos", "ref_logp_neg", "ref_logp_null")
-            if k in scored.column_names}
+    cols = {k: scored.column(k).to_numpy() for k in ("ref_logp_pos", "ref_logp_neg", "ref_logp_null")}
     ref_data = TrainRows(**{**data.__dict__, **cols})
     online = Trainer(smoke_cfg("train.objective=cca_cfg", "train.lr=0.01"), "train", model_dir=tiny_model,
                      data=data).setup()
     pre = Trainer(smoke_cfg("train.objective=cca_cfg", "train.lr=0.01", "train.reference=precomputed"), "train",
                   model_dir=tiny_model, data=ref_data).setup()
     assert pre.ref_engine is None and online.ref_engine is not None  # precomputed: no reference model at all
-    rows = np.arange(8)
-    assert (data.pos_null[rows] | data.neg_null[rows]).any()  # the batch exercises null conditions
-    # null-masked columns (no ref_logp_null) only serve cca_cfg; other objectives must refuse them
-    objectives = ("cca", "cca_cfg", "dpo") if "ref_logp_null" in cols else ("cca_cfg",)
-    if "ref_logp_null" not in cols:
-        with pytest.raises(TrainDataError, match="null flags"):
-            Trainer(smoke_cfg("train.reference=precomputed"), "train", model_dir=tiny_model, data=ref_data)
-    for objective in objectives:
+    rows = np.arange(4, 12)  # rows 5 (pos_null) and 8 (neg_null): the batch exercises both null flags
+    assert data.pos_null[rows].any() and data.neg_null[rows].any()
+    for objective in ("cca", "cca_cfg", "dpo"):
         online.tc.objective = pre.tc.objective = objective
         l_on, m_on, _ = online.micro_batch_loss(make_micro_batch(data, rows, objective))
         l_pre, m_pre, _ = pre.micro_batch_loss(make_micro_batch(ref_data, rows, objective))
         assert l_pre.item() == pytest.approx(l_on.item(), abs=1e-5), objective
-        assert float(m_pre["rel_logp_pos_sum"]) == pytest.approx(float(m_on["rel_logp_pos_sum"]), abs=1e-3)
+        for key in ("rel_logp_pos_sum", "rel_logp_neg_sum"):
+            assert float(m_pre[key]) == pytest.approx(float(m_on[key]), abs=1e-3), (objective, key)
     # after a step the policy has moved away from the reference: still the same loss both ways
-    online.tc.objective = pre.tc.objective = "cca_cfg"
-    online.step_once(), pre.step_once()
-    l_on, m_on, _ = online.micro_batch_loss(make_micro_batch(data, rows, "cca_cfg"))
-    l_pre, m_pre, _ = pre.micro_batch_loss(make_micro_batch(ref_data, rows, "cca_cfg"))
-    assert abs(float(m_on["rel_logp_pos_sum"])) > 1e-2
-    assert l_pre.item() == pytest.approx(l_on.item(), abs=1e-4)
+    for objective in ("cca", "cca_cfg", "dpo"):
+        online.tc.objective = pre.tc.objective = objective
+        online.step_once(), pre.step_once()
+        l_on, m_on, _ = online.micro_batch_loss(make_micro_batch(data, rows, objective))
+        l_pre, m_pre, _ = pre.micro_batch_loss(make_micro_batch(ref_data, rows, objective))
+        assert abs(float(m_on["rel_logp_pos_sum"])) > 1e-2, objective
+        assert l_pre.item() == pytest.approx(l_on.item(), abs=1e-4), objective
+        for key in ("rel_logp_pos_sum", "rel_logp_neg_sum"):
+            assert float(m_pre[key]) == pytest.approx(float(m_on[key]), abs=1e-3), (objective, key)
 
 
 def test_checkpoint_resume_continues_exactly_and_exports(process_group, tiny_model, tmp_path):

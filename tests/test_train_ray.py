@@ -61,7 +61,8 @@ def test_cca_survives_an_injected_worker_failure(prepared, base_model):
     rows each step consumed, carried in the checkpoint) equals that of an uninterrupted run."""
     from cca_ray.models import load_model
     from cca_ray.train import run_training
-    from cca_ray.train_data import BatchPlan, read_manifest
+    from cca_ray.data import read_manifest
+    from cca_ray.train_data import BatchPlan
 
     def fake_fid_proxy(trainer) -> dict:  # stands in for tune's FID-proxy hook (a local function: pickled by value)
         return {"fid_proxy": float(trainer.step)}

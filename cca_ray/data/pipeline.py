@@ -4,13 +4,17 @@
          --> train/ holdout/ (parquet + manifest)  --pairing join--> pairs/
 
 Ray appears only here and in reference.py; the pieces it runs (sources, tokenizers,
-pairing, schema checks) are plain functions and classes tested without Ray.
+pairing, schema checks) are plain functions and classes tested without Ray. Callers join or start
+Ray with `cca_ray.raycluster.ensure_ray()` (the one cluster setup every stage shares); the datasets
+built here are created inside `ordered_datasets()` so their block order is deterministic.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -30,14 +34,19 @@ ROWS_SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int64()), ("prompt
 CODES_SCHEMA = pa.schema(list(BASE_SCHEMA) + [("split", pa.string()), ("error", pa.string())])
 
 
-def init_ray() -> None:
-    """Join the Ray cluster the caller set up (tests, Tune), else start a local one."""
-    import ray
+@contextlib.contextmanager
+def ordered_datasets() -> Iterator:
+    """Datasets created inside this block keep their blocks in order (`preserve_order`), so shards
+    and manifests do not change from run to run. Scoped, not process-wide: Ray Data snapshots the
+    current DataContext when a Dataset is created (read_*/from_* copy it, map_batches & co. inherit
+    it), so only the datasets built here carry the setting, whenever they execute; other Ray Data
+    users in the process (Ray Train, Tune) keep their own context. Yields the context in force."""
+    from ray.data import DataContext
 
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
-    # deterministic block order: shards and manifests do not change from run to run
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    ctx = DataContext.get_current().copy()
+    ctx.execution_options.preserve_order = True
+    with DataContext.current(ctx):
+        yield ctx
 
 
 def run_ray(fn, *args, **kwargs):
@@ -85,7 +94,8 @@ def source_dataset(source, data_cfg):
     units = source.units()
     if not units:
         raise DataError(f"data.source={data_cfg.source}: no images found")
-    ds = ray.data.from_items([{"unit": i} for i in range(len(units))], override_num_blocks=len(units))
+    with ordered_datasets():
+        ds = ray.data.from_items([{"unit": i} for i in range(len(units))], override_num_blocks=len(units))
     return ds.map_batches(read_units, batch_size=1, batch_format="numpy",
                           fn_kwargs=dict(source=source, units=units, on_bad_row=data_cfg.on_bad_row,
                                          seed=data_cfg.seed, holdout_fraction=data_cfg.holdout_fraction))
@@ -228,7 +238,9 @@ def write_pairs(data_dir: Path, seed: int, null_prob: float, shard_rows: int, ep
     n = len(lookup)
     null_ratio = {"pos": float(pc.sum(lookup["pos_null"]).as_py() or 0) / max(n, 1),
                   "neg": float(pc.sum(lookup["neg_null"]).as_py() or 0) / max(n, 1)}
-    train_ds = train_ds if train_ds is not None else read_dataset(train, as_ray=True)
+    if train_ds is None:
+        with ordered_datasets():
+            train_ds = read_dataset(train, as_ray=True)
     ds = train_ds.map_batches(_attach_negatives, fn_kwargs={"lookup": lookup}, batch_format="pyarrow")
     extra = {k: tm[k] for k in ("config", "source") if k in tm}
     digest = hashlib.sha256()

@@ -1,12 +1,22 @@
 """Reference pass: the frozen base model scores every pair once (Ray Data batch inference).
 
-    pairs/ --map_batches(ReferenceScorer, actor pool)--> pairs_ref/  (+ ref_logp_pos, ref_logp_neg)
+    pairs/ --map_batches(ReferenceScorer, actor pool)--> pairs_ref/
+                                             (+ ref_logp_pos, ref_logp_neg, ref_logp_null)
 
-ref_logp_pos = log p_phi(x | c), ref_logp_neg = log p_phi(x | c_neg), float32 nats summed over
-the image tokens; a condition whose pos_null/neg_null flag is set is scored as the null prompt
-"" (CCA+CFG). pairs_ref/manifest.json records the reference checkpoint id
-(`checkpoint_id(path)`); `verify_reference` is what the trainer calls to refuse columns
-computed from any other checkpoint.
+float32 nats summed over the image tokens:
+
+    ref_logp_pos  = log p_phi(x | c)        the row's own prompt, always (whatever pos_null says)
+    ref_logp_neg  = log p_phi(x | c_neg)    the paired negative prompt, always (whatever neg_null says)
+    ref_logp_null = log p_phi(x | "")       the null condition
+
+so the columns serve every objective: cca/dpo read pos/neg as they are; cca_cfg takes
+ref_logp_null wherever a row's pos_null/neg_null flag replaced that condition by ""
+(`cca_ray.train_data.make_micro_batch`). Costs one extra forward per pair over scoring pos/neg only.
+
+pairs_ref/manifest.json records the reference checkpoint id (`checkpoint_id(path)`), the pairing
+it scored and REFERENCE_VERSION; `verify_reference` is what the trainer calls to refuse columns
+computed from any other checkpoint, pairing, or by an older reference pass (version 1 scored
+flagged rows with "" in ref_logp_pos/neg and had no ref_logp_null), which then gets recomputed.
 """
 
 from __future__ import annotations
@@ -22,27 +32,26 @@ from cca_ray.data.schema import DataError
 from cca_ray.data.shards import make_manifest, read_dataset, read_manifest
 
 _ROW_IN_BATCH = re.compile(r"prompt (\d+)")
+# how the ref_logp_* columns are scored; bump when that changes so older pairs_ref dirs read as stale.
+# 1: null flags applied to ref_logp_pos/neg, no ref_logp_null. 2: real prompts + ref_logp_null.
+REFERENCE_VERSION = 2
 
 
 class ReferenceMismatchError(DataError):
-    """Precomputed reference log-probs come from another checkpoint than the one expected."""
+    """Precomputed reference log-probs come from another checkpoint, pairing or reference-pass version."""
 
 
-def _conditions(prompts: list, nulls: np.ndarray, sids: list, column: str) -> list[str]:
-    """Prompts to score, "" where the null flag is set; DataError naming the row if one is missing."""
-    out = []
-    for p, is_null, sid in zip(prompts, nulls, sids):
-        if is_null:
-            out.append("")
-        elif p is None or not str(p).strip():
+def _conditions(prompts: list, sids: list, column: str) -> list[str]:
+    """The prompts to score (the real ones: null flags do not apply here); DataError naming the row
+    if one is missing or blank."""
+    for p, sid in zip(prompts, sids):
+        if p is None or not str(p).strip():
             raise DataError(f"{sid}: empty {column}; the reference model is conditioned on text prompts")
-        else:
-            out.append(p)
-    return out
+    return list(prompts)
 
 
 class ReferenceScorer:
-    """Ray Data actor holding the frozen base model; pairs batch -> batch + ref_logp_pos/neg."""
+    """Ray Data actor holding the frozen base model; pairs batch -> batch + ref_logp_pos/neg/null."""
 
     def __init__(self, checkpoint: str, family: str | None, dtype: str, codebook_size: int, grid: tuple[int, int]):
         import torch
@@ -58,9 +67,11 @@ class ReferenceScorer:
             raise DataError(f"{checkpoint}: the model has {self.model.codebook_size} visual tokens, "
                             f"the shards were tokenized with a {codebook_size}-code tokenizer")
 
-    def _logp(self, prompts: list[str], codes, sids: list) -> np.ndarray:
+    def _logp(self, prompts: list[str] | None, codes, sids: list) -> np.ndarray:
+        """log p_phi(codes | prompts) float32 [B]; prompts None = the null condition for every row."""
         try:
-            cond = self.model.encode_conditions(prompts, self.grid)
+            cond = (self.model.null_condition(len(sids), self.grid) if prompts is None
+                    else self.model.encode_conditions(prompts, self.grid))
         except ValueError as e:  # the adapter names the row within the batch; name the image
             m = _ROW_IN_BATCH.search(str(e))
             where = sids[int(m.group(1))] if m else f"batch starting at {sids[0]}"
@@ -71,17 +82,15 @@ class ReferenceScorer:
     def __call__(self, t: pa.Table) -> pa.Table:
         torch = self.torch
         sids = t.column("source_id").to_pylist()
-        flat = t.column("codes").combine_chunks().values.to_numpy(zero_copy_only=False)
+        flat = t.column("codes").combine_chunks().flatten().to_numpy(zero_copy_only=False)
         codes = torch.from_numpy(flat.astype(np.int64).reshape(len(t), *self.grid)).to(self.model.device)
-        pos_null = t.column("pos_null").to_numpy(zero_copy_only=False)
-        neg_null = t.column("neg_null").to_numpy(zero_copy_only=False)
-        pos = _conditions(t.column("prompt").to_pylist(), pos_null, sids, "prompt")
-        neg = _conditions(t.column("neg_prompt").to_pylist(), neg_null, sids, "neg_prompt")
-        for name in ("ref_logp_pos", "ref_logp_neg"):
-            if name in t.column_names:
-                t = t.drop_columns([name])
-        t = t.append_column("ref_logp_pos", pa.array(self._logp(pos, codes, sids), pa.float32()))
-        return t.append_column("ref_logp_neg", pa.array(self._logp(neg, codes, sids), pa.float32()))
+        conds = {"ref_logp_pos": _conditions(t.column("prompt").to_pylist(), sids, "prompt"),
+                 "ref_logp_neg": _conditions(t.column("neg_prompt").to_pylist(), sids, "neg_prompt"),
+                 "ref_logp_null": None}
+        t = t.drop_columns([name for name in conds if name in t.column_names])
+        for name, prompts in conds.items():
+            t = t.append_column(name, pa.array(self._logp(prompts, codes, sids), pa.float32()))
+        return t
 
 
 def reference_pass(cfg, checkpoint: str | Path | None = None, data_dir: str | Path | None = None,
@@ -89,11 +98,13 @@ def reference_pass(cfg, checkpoint: str | Path | None = None, data_dir: str | Pa
     """Score data_dir/pairs with the frozen `checkpoint` (default cfg.base_model_dir) into
     data_dir/pairs_ref, atomically. Workers: data.reference_workers actors, each with
     data.reference_num_gpus GPUs, data.reference_batch_size pairs per call. Skipped (unless
-    force) when pairs_ref already holds this checkpoint's scores of the current pairs.
+    force) when pairs_ref already holds this checkpoint's scores of the current pairs, made by
+    this REFERENCE_VERSION of the pass.
     Returns the manifest."""
     from ray.data import ActorPoolStrategy
 
-    from cca_ray.data.pipeline import init_ray, write_ray_dataset
+    from cca_ray.data.pipeline import ordered_datasets, write_ray_dataset
+    from cca_ray.raycluster import ensure_ray
 
     data_dir = Path(data_dir or cfg.data_dir)
     checkpoint = Path(checkpoint or cfg.base_model_dir).expanduser().resolve()
@@ -106,16 +117,18 @@ def reference_pass(cfg, checkpoint: str | Path | None = None, data_dir: str | Pa
             return verify_reference(data_dir / "pairs_ref", ref_id, data_dir / "pairs")
         except DataError:
             pass  # missing, incomplete or stale: (re)compute
-    init_ray()
+    ensure_ray()
     d = cfg.data
-    ds = read_dataset(data_dir / "pairs", as_ray=True).map_batches(
+    with ordered_datasets():
+        ds = read_dataset(data_dir / "pairs", as_ray=True)
+    ds = ds.map_batches(
         ReferenceScorer, batch_format="pyarrow", batch_size=d.reference_batch_size,
         fn_constructor_kwargs=dict(checkpoint=str(checkpoint), family=cfg.model.family, dtype=cfg.model.dtype,
                                    codebook_size=int(pm["codebook_size"]), grid=tuple(pm["grid"])),
         compute=ActorPoolStrategy(size=d.reference_workers), num_gpus=d.reference_num_gpus or None,
     )
     reference = {"checkpoint_id": ref_id, "path": str(checkpoint), "family": cfg.model.family,
-                 "dtype": cfg.model.dtype, "pairing": pm.get("pairing")}
+                 "dtype": cfg.model.dtype, "pairing": pm.get("pairing"), "version": REFERENCE_VERSION}
 
     def manifest_fn(files):
         m = make_manifest("pairs_ref", pm["tokenizer"], pm["counts"]["rows"], files,
@@ -129,13 +142,19 @@ def reference_pass(cfg, checkpoint: str | Path | None = None, data_dir: str | Pa
 
 def verify_reference(pairs_ref_dir: str | Path, checkpoint: str | Path, pairs_dir: str | Path | None = None) -> dict:
     """Check that pairs_ref's ref_logp_* columns came from `checkpoint` (a path or a
-    'sha256:...' id) and, if pairs_dir is given, from its current pairing. Returns the
-    manifest; raises ReferenceMismatchError otherwise."""
+    'sha256:...' id), from this code's REFERENCE_VERSION of the pass and, if pairs_dir is given,
+    from its current pairing. Returns the manifest; raises ReferenceMismatchError otherwise."""
     pairs_ref_dir = Path(pairs_ref_dir)
     m = read_manifest(pairs_ref_dir)
     recorded = (m.get("reference") or {}).get("checkpoint_id")
     if recorded is None:
         raise ReferenceMismatchError(f"{pairs_ref_dir}/manifest.json records no reference checkpoint id")
+    version = m["reference"].get("version", 1)
+    if version != REFERENCE_VERSION:
+        raise ReferenceMismatchError(
+            f"{pairs_ref_dir}: written by reference pass version {version}, this code reads version "
+            f"{REFERENCE_VERSION} (real prompts in ref_logp_pos/ref_logp_neg plus a ref_logp_null column); "
+            "re-run the reference pass (`python -m cca_ray.prepare --reference base`; train/tune do it themselves)")
     expected = str(checkpoint) if str(checkpoint).startswith("sha256:") else checkpoint_id(checkpoint)
     if recorded != expected:
         raise ReferenceMismatchError(

@@ -11,7 +11,8 @@ One row per image (DESIGN.md, "The shard schema"):
                             per dataset, so the pairing step joins on it
 
 `pairs/` adds neg_label, neg_prompt, pos_null, neg_null; `pairs_ref/` adds ref_logp_pos,
-ref_logp_neg (float32). Every check raises DataError naming the file and the row.
+ref_logp_neg, ref_logp_null (float32: log p_phi(x|prompt), log p_phi(x|neg_prompt), log p_phi(x|"")).
+Every check raises DataError naming the file and the row.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ PAIR_FIELDS = [
     ("pos_null", pa.bool_()),
     ("neg_null", pa.bool_()),
 ]
-REF_FIELDS = [("ref_logp_pos", pa.float32()), ("ref_logp_neg", pa.float32())]
+REF_FIELDS = [("ref_logp_pos", pa.float32()), ("ref_logp_neg", pa.float32()), ("ref_logp_null", pa.float32())]
 PAIRS_SCHEMA = pa.schema(list(BASE_SCHEMA) + PAIR_FIELDS)
 PAIRS_REF_SCHEMA = pa.schema(list(PAIRS_SCHEMA) + REF_FIELDS)
 
