@@ -195,9 +195,8 @@ def trade_off_plot(cfg_rows: list[dict], points: list[dict], path: Path) -> Path
                 ax.scatter([p[x] for p in pts], [p[y] for p in pts], c=color, marker=marker, s=60,
                            label=f"{method}, guidance-free")
             for p in pts:
-                if p.get("lam") is not None:
-                    ax.annotate(f"λ={p['lam']:.2g},β={p['beta']:.2g}", (p[x], p[y]), fontsize=6, xytext=(3, -8),
-                                textcoords="offset points", color=color)
+                label = ",".join(f"{sym}={p[k]:.2g}" for sym, k in (("λ", "lam"), ("β", "beta")) if p.get(k) is not None)
+                ax.annotate(label, (p[x], p[y]), fontsize=6, xytext=(3, -8), textcoords="offset points", color=color)
         ax.set_xlabel({"isc_mean": "Inception Score (extractor)", "recall": "recall"}[x])
         ax.set_ylabel({"fid": "FID (lower is better)", "precision": "precision"}[y])
         ax.grid(alpha=0.3)

@@ -94,3 +94,17 @@ def test_smoke_main_job_end_to_end(ray_local, tmp_path):
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "succeeded" in (r.stdout + r.stderr)
+
+
+def test_trade_off_plot_with_every_kind_of_point(tmp_path):
+    from cca_ray.tune import trade_off_plot
+
+    cfg_rows = [{"guidance": g, "fid": 2 - g / 2, "isc_mean": 5 + g, "precision": 0.5, "recall": 0.5 - g / 10}
+                for g in (0.0, 1.0, 2.0)]
+    points = [  # baselines carry only the hyperparameter they have
+        {"method": "cca trial-a", "lam": 1.0, "beta": 0.1, "fid": 1.0, "isc_mean": 6.0, "precision": 0.6, "recall": 0.5},
+        {"method": "dpo", "lam": None, "beta": 0.1, "fid": 1.5, "isc_mean": 6.0, "precision": 0.6, "recall": 0.5},
+        {"method": "unlearning", "lam": 0.05, "beta": None, "fid": 2.0, "isc_mean": 5.0, "precision": 0.4, "recall": 0.4},
+    ]
+    out = trade_off_plot(cfg_rows, points, tmp_path / "p.png")
+    assert out.stat().st_size > 10_000
