@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -48,7 +49,11 @@ def resolve_checkpoint(spec: str, mlflow_uri: str) -> Path:
         import mlflow.artifacts
 
         dst = tempfile.mkdtemp(prefix="cca_serve_model_")
-        # models:/ URIs are looked up in the *global* registry URI whatever the arguments say
+        # models:/ URIs are looked up in the *global* registry URI whatever the arguments say.
+        # set_*_uri also writes MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI into os.environ, which
+        # every later cfg.mlflow_uri would then obey: restore the environment exactly as it was.
+        env_keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+        saved_env = {k: os.environ.get(k) for k in env_keys}
         before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
         mlflow.set_tracking_uri(mlflow_uri)
         mlflow.set_registry_uri(mlflow_uri)
@@ -57,6 +62,11 @@ def resolve_checkpoint(spec: str, mlflow_uri: str) -> Path:
         finally:
             mlflow.set_tracking_uri(before[0])
             mlflow.set_registry_uri(before[1])
+            for k, v in saved_env.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
         return find_model_dir(Path(local))
     path = Path(spec).expanduser().resolve()
     if not path.exists():

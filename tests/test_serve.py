@@ -8,6 +8,7 @@ httpx and with the official `openai` client.
 import base64
 import io
 import json
+import os
 import socket
 import threading
 import time
@@ -156,8 +157,12 @@ def test_checkpoint_from_mlflow_uris(tmp_path):
     assert (local / "cca_ray.json").read_text() == '{"family": "emu3"}'
     client.create_registered_model("cca-tiny")
     mv = client.create_model_version("cca-tiny", f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
+    env_before = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     local = resolve_checkpoint(f"models:/cca-tiny/{mv.version}", uri)
     assert (local / "config.json").exists() and local != ckpt
+    # resolving must not leave MLflow's URIs in the environment, where every later
+    # cfg.mlflow_uri in this process would pick them up
+    assert {k: os.environ.get(k) for k in env_before} == env_before
 
 
 def _write_holdout(d):
