@@ -324,10 +324,23 @@ def load_config(
         _set_dotted(tree, key, value)
     if workdir is not None:
         tree["workdir"] = str(workdir)
+    return _validate(tree)
+
+
+def _validate(tree: dict) -> Config:
     try:
         return Config.model_validate(tree)
     except ValidationError as e:
         raise ConfigError(_format_validation_error(e)) from None
+
+
+def with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """A copy of cfg with dotted overrides (``{"train.lam": 3}``), validated like load_config:
+    a bad key or value raises ConfigError naming the field."""
+    tree = cfg.model_dump(mode="json")
+    for key, value in overrides.items():
+        _set_dotted(tree, key, value)
+    return _validate(tree)
 
 
 def dump_config(cfg: Config) -> str:

@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from cca_ray import tracking
-from cca_ray.config import PRESET_DIR, Config, ConfigError, _set_dotted, load_config  # noqa: F401
+from cca_ray.config import PRESET_DIR, Config, ConfigError, with_overrides
 from cca_ray.evaluate import EvalSetup, TABLE_COLUMNS, cfg_curve, eval_setup, evaluate_model, format_table
 
 SPACE_DIR = PRESET_DIR.parent / "tune_spaces"
@@ -46,7 +46,7 @@ def load_space(cfg: Config) -> dict:
     for key, spec in params.items():
         if not isinstance(spec, dict) or spec.get("type") not in DISTS:
             raise ConfigError(f"{path}: {key}: type must be one of {sorted(DISTS)}")
-        with_override(cfg, {key: spec["values"][0] if spec["type"] == "choice" else spec["low"]})  # names a field?
+        with_overrides(cfg, {key: spec["values"][0] if spec["type"] == "choice" else spec["low"]})  # names a field?
     return {"path": str(path), "metric": space.get("metric", "fid_proxy"), "mode": space.get("mode", "min"),
             "params": params}
 
@@ -63,21 +63,6 @@ def to_tune_space(params: dict) -> dict:
         else:
             out[key] = tune.choice(spec["values"])
     return out
-
-
-def with_override(cfg: Config, overrides: dict) -> Config:
-    """A copy of cfg with dotted overrides, validated (bad values raise ConfigError naming the field)."""
-    from pydantic import ValidationError
-
-    from cca_ray.config import _format_validation_error
-
-    tree = cfg.model_dump(mode="json")
-    for k, v in overrides.items():
-        _set_dotted(tree, k, v)
-    try:
-        return Config.model_validate(tree)
-    except ValidationError as e:
-        raise ConfigError(_format_validation_error(e)) from None
 
 
 # -- the FID proxy, computed on rank 0 inside the training loop ---------------------------
@@ -103,12 +88,12 @@ def trial_fn(config: dict, ctx: dict) -> None:
 
     from cca_ray.train import run_training
 
-    cfg = with_override(Config.model_validate(ctx["cfg"]), config)
+    cfg = with_overrides(Config.model_validate(ctx["cfg"]), config)
     every = cfg.tune.report_every
     # every report carries the proxy, so ASHA compares like with like at each rung
     # the trial itself holds TRIAL_CPU; its workers give that back so a sweep fits a node exactly
     cpus = cfg.train.cpus_per_worker - TRIAL_CPU / cfg.train.num_workers
-    cfg = with_override(cfg, {"train.log_every": every, "train.checkpoint_every": every, "train.cpus_per_worker": cpus})
+    cfg = with_overrides(cfg, {"train.log_every": every, "train.checkpoint_every": every, "train.cpus_per_worker": cpus})
     if cfg.tune.max_concurrent_trials == 1:
         remove_orphan_worker_groups(cpus)
     run_training(cfg, "train", run_name=f"trial-{tune.get_context().get_trial_id()}", storage_path=ctx["trials_dir"],
@@ -288,7 +273,7 @@ def run_main_job(cfg: Config) -> dict:
         raise RuntimeError("no trial finished; nothing to evaluate (see the Tune logs above)")
     best = min(points, key=lambda p: p["fid"])
     for kind in cfg.tune.baselines:
-        bcfg = with_override(cfg, {"train.objective": kind, "train.beta": best["beta"]})
+        bcfg = with_overrides(cfg, {"train.objective": kind, "train.beta": best["beta"]})
         res = run_training(bcfg, "train", run_name=f"baseline-{kind}", storage_path=sweep_dir / "baselines",
                            parent_run_id=parent)
         m, _ = evaluate_model(setup, res.export_dir, guidance=0.0, n=n)

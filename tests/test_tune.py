@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cca_ray.config import ConfigError, load_config
+from cca_ray.config import ConfigError, load_config, with_overrides
 from cca_ray.evaluate import format_table
 from cca_ray.sampling_jobs import balanced_prompts, image_grid
-from cca_ray.tune import load_space, with_override
+from cca_ray.tune import load_space
 
 
 def test_spaces_of_shipped_presets_load():
@@ -34,9 +34,9 @@ def test_space_naming_unknown_field_is_refused(tmp_path):
 
 def test_trial_overrides_are_validated():
     cfg = load_config("smoke")
-    assert with_override(cfg, {"train.lam": 3.0}).train.lam == 3.0
+    assert with_overrides(cfg, {"train.lam": 3.0}).train.lam == 3.0
     with pytest.raises(ConfigError, match="train.lam"):
-        with_override(cfg, {"train.lam": -1.0})
+        with_overrides(cfg, {"train.lam": -1.0})
 
 
 def test_balanced_prompts_and_grid():
