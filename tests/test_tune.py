@@ -1,6 +1,5 @@
 """The main job: search spaces, and the smoke sweep end to end on a real local Ray cluster + MLflow."""
 
-import json
 import os
 import subprocess
 import sys
