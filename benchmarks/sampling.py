@@ -5,9 +5,17 @@
   3. transformers generate()+CFG (Emu3's documented way: UnbatchedClassifierFreeGuidanceLogitsProcessor
                                   via negative_prompt_ids, and a prefix_allowed_tokens_fn for the layout)
 
-Prints images/s of each and the ratios. Random-init weights: speed does not depend on them.
+Prints images/s of each and the ratios, per image grid. Random-init weights: speed does not
+depend on them.
 
-    python benchmarks/sampling.py                       # ~50M-parameter Emu3 (8 layers, hidden 512), batch 16
+It also prints a ceiling: the same process times every Linear of the decoder at B and at 2B
+rows. Where a decode step is dominated by streaming the weights (small batch, short sequence:
+the 8x8 grid at batch 16 on CPU), doubling the rows costs much less than twice as much, so no
+sampler can gain the full 2x there; the gain grows with the sequence (KV reads scale with the
+rows) and with the batch.
+
+    python benchmarks/sampling.py                       # ~50M-parameter Emu3 (8 layers, hidden 512), batch 16, grids 8 and 16
+    python benchmarks/sampling.py --grids 16 --skip-hf  # one grid, our two paths only
     python benchmarks/sampling.py --preset demo         # the demo's tiny model size and grid
 """
 
@@ -26,6 +34,17 @@ def timed(fn, repeats: int) -> float:
     for _ in range(repeats):
         fn()
     return (time.perf_counter() - t) / repeats
+
+
+def linear_ceiling(model, rows: int, repeats: int = 3) -> float:
+    """Time of one pass over every decoder Linear at 2*rows / at rows (weights streamed as in a step)."""
+    lins = [m for m in model.hf.model.text_model.layers.modules() if isinstance(m, torch.nn.Linear)]
+    times = []
+    with torch.no_grad():
+        for r in (rows, 2 * rows):
+            xs = {n: torch.randn(r, n) for n in {m.in_features for m in lins}}
+            times.append(timed(lambda: [m(xs[m.in_features]) for m in lins], repeats * 10))
+    return times[1] / times[0]
 
 
 def hf_generate_cfg(model, prompts, grid, guidance, seed):
@@ -64,8 +83,8 @@ def main(argv=None) -> None:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--codebook", type=int, default=4096)
-    p.add_argument("--grid", type=int, default=8, help="image grid side (tokens)")
+    p.add_argument("--codebook", type=int, default=16384, help="visual codebook size (16384: ~50M LM parameters)")
+    p.add_argument("--grids", type=int, nargs="+", default=[8, 16], help="image grid sides (tokens) to time")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--repeats", type=int, default=2)
@@ -78,12 +97,10 @@ def main(argv=None) -> None:
     if args.preset:
         cfg = load_config(args.preset)
         mcfg, codebook = cfg.model, cfg.tokenizer.codebook_size
-        side = cfg.data.image_size // cfg.tokenizer.patch_size
+        grids = [cfg.data.image_size // cfg.tokenizer.patch_size]
     else:
         mcfg = ModelConfig(hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads)
-        codebook, side = args.codebook, args.grid
-    grid = (side, side)
-    torch.set_num_threads(torch.get_num_threads())
+        codebook, grids = args.codebook, args.grids
     prompts = [f"a handwritten digit {w}" for w in "zero one two three four five six seven eight nine".split()]
     prompts = (prompts * (args.batch // len(prompts) + 1))[: args.batch]
 
@@ -91,24 +108,32 @@ def main(argv=None) -> None:
         model = load_model(build_tiny_model(tmp, mcfg, codebook, prompts))
     model.hf.eval()
     n_params = sum(p.numel() for p in model.hf.model.text_model.parameters()) + model.hf.lm_head.weight.numel()
-    cond = model.encode_conditions(prompts, grid)
     print(f"model: Emu3 {mcfg.num_layers} layers, hidden {mcfg.hidden_size}, {n_params / 1e6:.1f}M LM params; "
-          f"codebook {codebook}; grid {grid[0]}x{grid[1]}; batch {args.batch}; threads {torch.get_num_threads()}")
+          f"codebook {codebook}; batch {args.batch}; threads {torch.get_num_threads()}")
+    ceiling = linear_ceiling(model, args.batch)
+    print(f"ceiling: the decoder's Linears take {ceiling:.2f}x as long at {2 * args.batch} rows as at {args.batch}")
 
-    rows = {}
-    rows["cca-ray guidance-free"] = timed(lambda: model.generate(cond, seed=0), args.repeats)
-    rows["cca-ray CFG"] = timed(lambda: model.generate(cond, guidance=args.guidance, seed=0), args.repeats)
-    if not args.skip_hf:
-        rows["transformers generate() CFG"] = timed(
-            lambda: hf_generate_cfg(model, prompts, grid, args.guidance, 0), max(1, args.repeats - 1))
+    summary = []
+    for side in grids:
+        grid = (side, side)
+        cond = model.encode_conditions(prompts, grid)
+        rows = {}
+        rows["cca-ray guidance-free"] = timed(lambda: model.generate(cond, seed=0), args.repeats)
+        rows["cca-ray CFG"] = timed(lambda: model.generate(cond, guidance=args.guidance, seed=0), args.repeats)
+        if not args.skip_hf:
+            rows["transformers generate() CFG"] = timed(
+                lambda: hf_generate_cfg(model, prompts, grid, args.guidance, 0), max(1, args.repeats - 1))
+        print(f"\ngrid {side}x{side} ({side * (side + 1)} tokens per image)")
+        print(f"{'path':32s} {'s/batch':>9s} {'images/s':>9s}")
+        for name, sec in rows.items():
+            print(f"{name:32s} {sec:9.3f} {args.batch / sec:9.2f}")
+        free, cfg_ = rows["cca-ray guidance-free"], rows["cca-ray CFG"]
+        hf = rows.get("transformers generate() CFG")
+        summary.append((side, cfg_ / free, hf / cfg_ if hf else None))
 
-    print(f"\n{'path':32s} {'s/batch':>9s} {'images/s':>9s}")
-    for name, sec in rows.items():
-        print(f"{name:32s} {sec:9.3f} {args.batch / sec:9.2f}")
-    free, cfg_ = rows["cca-ray guidance-free"], rows["cca-ray CFG"]
-    print(f"\nguidance-free / CFG images/s:               {cfg_ / free:.2f}x")
-    if "transformers generate() CFG" in rows:
-        print(f"cca-ray CFG / transformers generate() CFG:   {rows['transformers generate() CFG'] / cfg_:.2f}x")
+    print(f"\n{'grid':>6s} {'guidance-free / CFG':>20s} {'cca-ray CFG / generate() CFG':>29s}   (images/s ratios)")
+    for side, r1, r2 in summary:
+        print(f"{side:>4d}^2 {r1:19.2f}x {(f'{r2:.2f}x' if r2 else '-'):>29s}")
 
 
 if __name__ == "__main__":

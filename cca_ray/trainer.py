@@ -330,7 +330,7 @@ class Trainer:
 
     def save_checkpoint(self, metrics: dict[str, float]) -> None:
         """Each rank writes its shard into its own temp dir and reports it; Ray merges the uploads."""
-        state = {"step": self.step, "epoch": self.plan.epoch_of(max(0, self.step - 1)),
+        state = {"step": self.step, "total_steps": self.total_steps, "epoch": self.plan.epoch_of(max(0, self.step - 1)),
                  "data_fingerprint": self.fingerprint, "section": self.section, "objective": self.tc.objective}
         with tempfile.TemporaryDirectory(prefix=f"cca_ckpt_r{self.rank}_") as tmp:
             ckpt.save_engine(self.engine, tmp, state, self.rank)

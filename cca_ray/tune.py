@@ -124,6 +124,29 @@ def remove_orphan_worker_groups(bundle_cpu: float) -> int:
     return removed
 
 
+def finished_export(trial_dir: Path, model_dir: Path, *, zero_stage: int, dtype: str) -> Path | None:
+    """The trial's exported model; for a trial that trained to the end but was stopped by ASHA at its
+    last report (before the driver's export), export its final checkpoint now. None if it stopped early."""
+    from cca_ray import checkpoint as ckpt
+
+    export = trial_dir / "export"
+    if (export / "config.json").exists():
+        return export
+    states = []
+    for d in trial_dir.glob("checkpoint_*"):
+        try:
+            states.append((ckpt.read_state(d), d))
+        except (OSError, ValueError):
+            continue  # an incomplete checkpoint directory
+    if not states:
+        return None
+    state, last = max(states, key=lambda s: s[0].get("step", -1))
+    if state.get("total_steps") is None or state["step"] < state["total_steps"]:
+        return None
+    print(f"  {trial_dir.name}: trained to the end, stopped at its last report; exporting {last.name}", flush=True)
+    return ckpt.export_model(last, model_dir, export, zero_stage=zero_stage, dtype=dtype)
+
+
 def run_asha(cfg: Config, setup: EvalSetup, space: dict, sweep_dir: Path, parent_run_id: str):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -260,8 +283,9 @@ def run_main_job(cfg: Config) -> dict:
     exp_id = tracking.experiment_id(uri, cfg.experiment)
     for res in grid:
         trial_id = (res.metrics or {}).get("trial_id")
-        export = trials_dir / f"trial-{trial_id}" / "export"
-        if not trial_id or not (export / "config.json").exists():
+        export = finished_export(trials_dir / f"trial-{trial_id}", cfg.base_model_dir, zero_stage=cfg.train.zero_stage,
+                                 dtype=cfg.model.dtype) if trial_id else None
+        if export is None:
             continue  # stopped early by ASHA (or failed): only its proxy history counts
         m, imgs = evaluate_model(setup, export, guidance=0.0, n=n)
         m.update(method=f"cca trial-{trial_id}", lam=res.config.get("train.lam"), beta=res.config.get("train.beta"),

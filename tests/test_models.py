@@ -95,10 +95,11 @@ def test_guidance_changes_distribution(model):
 
 
 def test_one_forward_per_token_without_guidance(model):
-    """guidance=0 never builds unconditional rows: every forward sees exactly B rows."""
+    """guidance=0 never builds unconditional rows: every forward (prefill and each decode step
+    embeds its tokens once) sees exactly B rows."""
     calls = []
-    hook = model.hf.model.text_model.register_forward_pre_hook(
-        lambda mod, args, kw: calls.append(kw["input_ids"].shape), with_kwargs=True)
+    hook = model.hf.model.text_model.embed_tokens.register_forward_hook(
+        lambda mod, args, out: calls.append(args[0].shape))
     try:
         cond = model.encode_conditions(PROMPTS, GRID)
         model.sample(cond, seed=0)
@@ -112,6 +113,27 @@ def test_one_forward_per_token_without_guidance(model):
         hook.remove()
     h, w = GRID
     assert n_free == h * (w + 1) - 1  # prefill + one step per fed token (codes and EOLs)
+
+
+def test_decode_steps_match_the_transformers_forward(tmp_path):
+    """The sampler's lean decode loop (static KV cache) gives the same per-step distributions as a
+    full transformers forward over the same tokens, with grouped-query attention and left padding."""
+    path = build_tiny_model(
+        tmp_path, ModelConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, max_prompt_tokens=12),
+        codebook_size=24, prompts=PROMPTS,
+    )
+    m = load_model(path)
+    m.hf.eval()
+    assert m.hf.model.text_model.layers[0].self_attn.num_key_value_groups == 2
+    cond = m.encode_conditions(["", PROMPTS[0], "a"], GRID)  # three prompt lengths: left padding
+    assert (cond.attention_mask == 0).any()
+    out = m.sample(cond, seed=[1, 2, 3], return_dists=True)
+    inp = m.scoring_inputs(cond, out.codes)
+    with torch.no_grad():
+        logits = m.hf(input_ids=inp["input_ids"], attention_mask=inp["attention_mask"],
+                      position_ids=inp["position_ids"]).logits
+    expect = logits[:, inp["target_pos"], m.visual_offset : m.visual_offset + 24].log_softmax(-1)
+    assert torch.allclose(out.step_dists, expect, atol=1e-4)
 
 
 def test_seeds_are_per_row(model):

@@ -242,3 +242,25 @@ def test_checkpoint_resume_continues_exactly_and_exports(process_group, tiny_mod
     out = ckpt.export_model(tmp_path / "ck", tiny_model, tmp_path / "export", zero_stage=2)
     exported = _params(load_model(out).module)
     assert all(torch.equal(exported[n], at_2[n]) for n in at_2)
+
+
+def test_a_trial_stopped_after_its_last_step_is_exported_from_its_checkpoint(process_group, tiny_model, tmp_path):
+    """ASHA can stop a trial at its final report, before the driver exports it: the main job then exports
+    the final checkpoint itself, but never one from a trial stopped part-way."""
+    from cca_ray.models import load_model
+    from cca_ray.tune import finished_export
+
+    cfg = smoke_cfg("train.objective=sft", "train.max_steps=2")
+    t = Trainer(cfg, "train", model_dir=tiny_model, data=synthetic_rows()).setup()
+    t.step_once()
+    trial = tmp_path / "trial-x"
+    ckpt.save_engine(t.engine, trial / "checkpoint_000001", {"step": 1, "total_steps": 2}, rank=0)
+    assert finished_export(trial, tiny_model, zero_stage=2, dtype="float32") is None  # stopped part-way
+    t.step_once()
+    ckpt.save_engine(t.engine, trial / "checkpoint_000002", {"step": 2, "total_steps": 2}, rank=0)
+    out = finished_export(trial, tiny_model, zero_stage=2, dtype="float32")
+    assert out == trial / "export"
+    exported = _params(load_model(out).module)
+    trained = _params(t.engine.module)
+    assert all(torch.equal(exported[n], trained[n]) for n in trained)
+    assert finished_export(trial, tiny_model, zero_stage=2, dtype="float32") == out  # already there: kept
