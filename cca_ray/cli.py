@@ -45,7 +45,7 @@ def parse_stage_args(
     p = stage_parser(stage, description)
     if add_args is not None:
         add_args(p)
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # key=value may come before and after options
     try:
         cfg = load_config(args.preset, args.config, args.overrides, workdir=args.workdir)
     except ConfigError as e:

@@ -57,9 +57,20 @@ def _ray_report(metrics: dict, ckpt_dir: str | None) -> None:
                          checkpoint_dir_name=f"checkpoint_{int(metrics['step']):06d}")
 
 
+def quiet_ray_train_reports() -> None:
+    """Ray Train logs every ray.train.report call in full, once per rank: that drowned our own
+    per-step lines (which carry the same metrics). Its logger is named after its file."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: keep its logging as it is
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
 
+    quiet_ray_train_reports()
     cfg = Config.model_validate(config["cfg"])
     section = config["section"]
     tc = getattr(cfg, section)
@@ -179,7 +190,7 @@ def ensure_inputs(cfg: Config, section: str) -> None:
         try:
             verify_reference(cfg.data_dir / "pairs_ref", cfg.base_model_dir, pairs_dir=cfg.data_dir / "pairs")
         except (ReferenceMismatchError, DataError) as e:
-            print(f"reference pass needed: {e}", flush=True)
+            print("pairs_ref is missing or was scored by another model: scoring the pairs with the base model", flush=True)
             reference_pass(cfg, cfg.base_model_dir)
 
 

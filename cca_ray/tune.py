@@ -250,6 +250,12 @@ def register_best(cfg: Config, run_id: str, export_dir: Path, name: str) -> str:
 
 
 # -- the job ----------------------------------------------------------------------------
+def clock(t0: float) -> str:
+    """Elapsed time since t0 as m:ss, for the stage lines."""
+    m, sec = divmod(int(time.time() - t0), 60)
+    return f"{m}:{sec:02d}"
+
+
 def run_main_job(cfg: Config) -> dict:
     from cca_ray.pretrain import pretrain
     from cca_ray.train import ensure_inputs, ensure_ray, run_training
@@ -257,7 +263,7 @@ def run_main_job(cfg: Config) -> dict:
     t0 = time.time()
     ensure_ray()
     space = load_space(cfg)
-    print("[1/5] data and base model", flush=True)
+    print(f"[1/5 {clock(t0)}] data and base model", flush=True)
     base = pretrain(cfg)
     ensure_inputs(cfg, "train")
     setup = eval_setup(cfg)
@@ -270,15 +276,15 @@ def run_main_job(cfg: Config) -> dict:
     tracking.log_text(uri, parent, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config.yaml")
 
     n = cfg.eval.num_samples
-    print(f"[2/5] CFG baseline of the base model at scales {cfg.eval.cfg_scales} (n={n})", flush=True)
+    print(f"[2/5 {clock(t0)}] CFG baseline of the base model at scales {cfg.eval.cfg_scales} (n={n})", flush=True)
     cfg_rows = cfg_curve(setup, base, cfg.eval.cfg_scales, n=n)
     for r in cfg_rows:
         r["method"] = "base+CFG"
 
-    print(f"[3/5] ASHA sweep: {cfg.tune.num_trials} trials over {list(space['params'])}", flush=True)
+    print(f"[3/5 {clock(t0)}] ASHA sweep: {cfg.tune.num_trials} trials over {list(space['params'])}", flush=True)
     grid, trials_dir = run_asha(cfg, setup, space, sweep_dir, parent)
 
-    print(f"[4/5] evaluating finished trials and baselines guidance-free (n={n})", flush=True)
+    print(f"[4/5 {clock(t0)}] evaluating finished trials and baselines guidance-free (n={n})", flush=True)
     points = []
     exp_id = tracking.experiment_id(uri, cfg.experiment)
     for res in grid:
@@ -305,7 +311,7 @@ def run_main_job(cfg: Config) -> dict:
                  lam=bcfg.train.lam_unlearning if kind == "unlearning" else None)
         points.append(m)
 
-    print("[5/5] results", flush=True)
+    print(f"[5/5 {clock(t0)}] results", flush=True)
     rows = cfg_rows + points
     table = format_table(rows)
     plot = trade_off_plot(cfg_rows, points, sweep_dir / "trade_off.png")

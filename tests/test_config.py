@@ -104,3 +104,12 @@ def test_cli_print_config(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert yaml.safe_load(r.stdout)["train"]["lam"] == 2.5
+
+
+def test_overrides_may_come_before_and_after_options():
+    from cca_ray.cli import parse_stage_args
+
+    cfg, args = parse_stage_args(
+        "train", "t", ["train.lam=2.5", "--preset", "smoke", "--run-name", "x", "train.beta=0.3"],
+        lambda p: p.add_argument("--run-name"))
+    assert (cfg.preset, cfg.train.lam, cfg.train.beta, args.run_name) == ("smoke", 2.5, 0.3, "x")
