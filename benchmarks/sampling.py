@@ -49,7 +49,7 @@ def linear_ceiling(model, rows: int, repeats: int = 3) -> float:
 
 def hf_generate_cfg(model, prompts, grid, guidance, seed):
     """Emu3's documented CFG generation through transformers' generate()."""
-    tok, hf = model.tokenizer, model.hf
+    hf = model.hf
     h, w = grid
     cond = model.encode_conditions(prompts, grid)
     neg = model.null_condition(len(prompts), grid)

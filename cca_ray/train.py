@@ -190,7 +190,7 @@ def ensure_inputs(cfg: Config, section: str) -> None:
         try:
             verify_reference(cfg.data_dir / "pairs_ref", cfg.base_model_dir, pairs_dir=cfg.data_dir / "pairs")
         except (ReferenceMismatchError, DataError) as e:
-            print("pairs_ref is missing or was scored by another model: scoring the pairs with the base model", flush=True)
+            print(f"scoring the pairs with the base model now, since pairs_ref is not usable: {e}", flush=True)
             reference_pass(cfg, cfg.base_model_dir)
 
 

@@ -82,6 +82,9 @@ class _KVBackend:
     """
 
     def __init__(self, scorer: Emu3Scorer, max_new_tokens: int):
+        from transformers.models.emu3.modeling_emu3 import apply_rotary_pos_emb
+
+        self.rope = apply_rotary_pos_emb  # the transformers forward's own RoPE
         self.scorer = scorer
         self.text_model = scorer.hf.model.text_model
         self.max_new = max_new_tokens
@@ -108,7 +111,6 @@ class _KVBackend:
         h = out.last_hidden_state[:, -1]
         return self.scorer.visual_logits(h) if need_logits else None
 
-    @torch.no_grad()
     def step(self, token_ids, need_logits):
         tm, t = self.text_model, self.t
         if t >= self.allow.shape[-1]:
@@ -116,8 +118,7 @@ class _KVBackend:
         self.pos = self.pos + 1
         x = tm.embed_tokens(token_ids.unsqueeze(-1))  # [R, 1, H]
         rows = x.shape[0]
-        cos, sin = tm.rotary_emb(x, self.pos.unsqueeze(-1))
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [R, 1, 1, d]
+        cos, sin = tm.rotary_emb(x, self.pos.unsqueeze(-1))  # [R, 1, d]
         allow = self.allow[..., : t + 1]
         for i, layer in enumerate(tm.layers):
             attn = layer.self_attn
@@ -125,7 +126,7 @@ class _KVBackend:
             h = layer.input_layernorm(x)
             q = attn.q_proj(h).view(rows, 1, -1, d).transpose(1, 2)
             k = attn.k_proj(h).view(rows, 1, -1, d).transpose(1, 2)
-            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+            q, k = self.rope(q, k, cos, sin)
             self.keys[i][:, :, t : t + 1] = k
             self.values[i][:, :, t : t + 1] = attn.v_proj(h).view(rows, 1, -1, d).transpose(1, 2)
             o = F.scaled_dot_product_attention(
@@ -136,12 +137,6 @@ class _KVBackend:
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         self.t = t + 1
         return self.scorer.visual_logits(tm.norm(x[:, -1])) if need_logits else None
-
-
-def _rope(x, cos, sin):
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
 
 
 class Emu3Adapter:
