@@ -105,7 +105,7 @@ def main(argv=None) -> None:
     prompts = (prompts * (args.batch // len(prompts) + 1))[: args.batch]
 
     with tempfile.TemporaryDirectory() as tmp:
-        model = load_model(build_tiny_model(tmp, mcfg, codebook, prompts))
+        model = load_model(build_tiny_model(tmp, mcfg, codebook_size=codebook, prompts=prompts))
     model.hf.eval()
     n_params = sum(p.numel() for p in model.hf.model.text_model.parameters()) + model.hf.lm_head.weight.numel()
     print(f"model: Emu3 {mcfg.num_layers} layers, hidden {mcfg.hidden_size}, {n_params / 1e6:.1f}M LM params; "

@@ -61,7 +61,7 @@ def build_assets(cfg, out: Path) -> tuple[Path, Path]:
 
     tok = build_tokenizer(cfg.tokenizer, image_size=cfg.data.image_size, channels=cfg.data.channels)
     tok.fit(digit_images(cfg.data.source, cfg.data.image_size)[:2000]).save(out / "tokenizer")
-    model = build_tiny_model(out / "model", cfg.model, cfg.tokenizer.codebook_size, PROMPTS)
+    model = build_tiny_model(out / "model", cfg.model, codebook_size=cfg.tokenizer.codebook_size, prompts=PROMPTS)
     return model, out / "tokenizer"
 
 
@@ -121,7 +121,7 @@ def main(argv=None) -> int:
     import ray
     from ray import serve
 
-    from cca_ray.serve import run_app
+    from cca_ray.serve.app import run_app
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

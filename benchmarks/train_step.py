@@ -39,14 +39,14 @@ WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
 def setup(args, model_dir: Path, variants):
     from cca_ray.config import load_config
     from cca_ray.models import build_tiny_model, load_model
-    from cca_ray.train_data import TrainRows
-    from cca_ray.trainer import Trainer, local_process_group
+    from cca_ray.train.batches import TrainRows
+    from cca_ray.train.recipe import Trainer, local_process_group
 
     cfg = load_config(args.preset, overrides=[f"model.hidden_size={args.hidden}", f"model.num_layers={args.layers}"])
     grid = (cfg.data.image_size // cfg.tokenizer.patch_size,) * 2
     prompts = [f"a handwritten digit {w}" for w in WORDS]
     if not (model_dir / "config.json").exists():
-        build_tiny_model(model_dir, cfg.model, cfg.tokenizer.codebook_size, prompts)
+        build_tiny_model(model_dir, cfg.model, codebook_size=cfg.tokenizer.codebook_size, prompts=prompts)
     rng = np.random.default_rng(0)
     lab = rng.integers(0, 10, args.batch)
     neg = (lab + rng.integers(1, 10, args.batch)) % 10

@@ -310,7 +310,10 @@ def load_config(
     overrides: list[str] | dict[str, Any] | None = None,
     workdir: str | Path | None = None,
 ) -> Config:
-    """Build and validate a Config; raise ConfigError naming the bad field or file."""
+    """Build and validate a Config; raise ConfigError naming the bad field or file.
+
+    Every path field (PATH_FIELDS, the default workdir included) comes back absolute, resolved
+    against the current directory: the config can then be handed to Ray as it is."""
     tree: dict = {}
     if preset is not None:
         if preset not in available_presets():
@@ -324,7 +327,38 @@ def load_config(
         _set_dotted(tree, key, value)
     if workdir is not None:
         tree["workdir"] = str(workdir)
-    return _validate(tree)
+    tree.setdefault("workdir", Config.model_fields["workdir"].default)
+    return _validate(_absolute_paths(tree))
+
+
+# Every config field that holds a filesystem path. load_config makes them absolute (against the
+# current directory) before anything sees them: Tune trials, Train workers and Serve replicas run
+# in directories of their own, where a relative path would point somewhere else.
+PATH_FIELDS = ("workdir", "data.path", "tokenizer.path", "model.path", "eval.inception_weights", "tune.space",
+               "serve.checkpoint", "serve.tokenizer_dir", "serve.label_source")
+_URI_PREFIXES = ("models:/", "runs:/", "mlflow-artifacts:/", "s3://", "gs://", "hdfs://", "file://", "http://",
+                 "https://")
+
+
+def absolute_path(value: str) -> str:
+    """A path made absolute against the current directory (~ expanded); URIs are left as they are."""
+    if value.startswith(_URI_PREFIXES):
+        return value
+    return str(Path(value).expanduser().resolve())
+
+
+def _absolute_paths(tree: dict) -> dict:
+    tree = copy.deepcopy(tree)
+    for dotted in PATH_FIELDS:
+        *sections, key = dotted.split(".")
+        node = tree
+        for sec in sections:
+            node = node.get(sec) if isinstance(node, dict) else None
+            if node is None:
+                break
+        if isinstance(node, dict) and isinstance(node.get(key), str) and node[key]:
+            node[key] = absolute_path(node[key])
+    return tree
 
 
 def _validate(tree: dict) -> Config:
@@ -340,7 +374,7 @@ def with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
     tree = cfg.model_dump(mode="json")
     for key, value in overrides.items():
         _set_dotted(tree, key, value)
-    return _validate(tree)
+    return _validate(_absolute_paths(tree))
 
 
 def dump_config(cfg: Config) -> str:

@@ -106,3 +106,18 @@ def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
 def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
     """[(step, value)] of one metric, in logging order (tests, reports)."""
     return [(m.step, m.value) for m in client(uri).get_metric_history(run_id, key)]
+
+
+def image_grid(images, ncols: int | None = None):
+    """uint8 [N, H, W, C] -> one uint8 [rows*H, ncols*W, C] contact sheet (blank cells are 0), for image artifacts.
+    ncols defaults to a square-ish sheet."""
+    import numpy as np
+
+    n, h, w, c = images.shape
+    ncols = ncols or max(1, math.ceil(math.sqrt(n)))
+    nrows = math.ceil(n / ncols)
+    out = np.zeros((nrows * h, ncols * w, c), dtype=images.dtype)
+    for i, img in enumerate(images):
+        r, col = divmod(i, ncols)
+        out[r * h : (r + 1) * h, col * w : (col + 1) * w] = img
+    return out

@@ -22,8 +22,10 @@ def test_every_preset_loads(preset):
 
 
 def test_every_tune_space_names_real_fields():
-    spaces = resources.files("cca_ray") / "tune_spaces"
-    files = [p for p in spaces.iterdir() if p.name.endswith(".yaml")]
+    from cca_ray.tune_spaces import SPACE_DIR
+
+    files = [p for p in SPACE_DIR.iterdir() if p.name.endswith(".yaml")]
+    assert files, f"no tune spaces found in {SPACE_DIR}"
     for path in files:
         space = yaml.safe_load(path.read_text())
         params = flat_params(load_config("smoke"))
@@ -113,3 +115,30 @@ def test_overrides_may_come_before_and_after_options():
         "train", "t", ["train.lam=2.5", "--preset", "smoke", "--run-name", "x", "train.beta=0.3"],
         lambda p: p.add_argument("--run-name"))
     assert (cfg.preset, cfg.train.lam, cfg.train.beta, args.run_name) == ("smoke", 2.5, 0.3, "x")
+
+
+def test_pyproject_packages_name_every_package_folder():
+    """pyproject lists packages explicitly (tune_spaces/ is mapped in from the top level): a new
+    package folder that is not listed would be missing from the wheel."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(root).parts) for p in (root / "cca_ray").rglob("__init__.py")}
+    assert found - listed == set(), f"package folders missing from pyproject's packages: {sorted(found - listed)}"
+    assert "cca_ray.tune_spaces" in listed
+
+
+def test_every_path_is_absolute_once_loaded(tmp_path, monkeypatch):
+    """Tune trials and Ray workers run in directories of their own: a relative path must be resolved
+    against the user's current directory when the config is loaded, never later."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("smoke", overrides=["data.path=imgs", "model.path=~/m", "serve.checkpoint=models:/x/1"])
+    assert cfg.workdir == str(tmp_path / "cca_work")  # the default ./cca_work
+    assert cfg.data.path == str(tmp_path / "imgs")
+    assert cfg.model.path.startswith("/") and "~" not in cfg.model.path
+    assert cfg.serve.checkpoint == "models:/x/1"  # URIs stay as they are
+    assert load_config("smoke", workdir="w").workdir == str(tmp_path / "w")
+    monkeypatch.chdir("/")
+    assert cfg.root == tmp_path / "cca_work"  # the same place from anywhere

@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from cca_ray.config import load_config
-from cca_ray.data import read_dataset, read_manifest, verify_reference
+from cca_ray.data import read_dataset, read_manifest
+from cca_ray.train.reference import verify_reference
 from cca_ray.data.schema import DataError
 from cca_ray.data.sources import digit_prompt
 
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def smoke(ray_local, tmp_path_factory):
     """One smoke prepare through the CLI entry point, shared by the tests below."""
-    from cca_ray import prepare
+    from cca_ray.data import prepare
 
     work = tmp_path_factory.mktemp("prep")
     prepare.main(["--preset", "smoke", "--workdir", str(work)])
@@ -32,7 +33,7 @@ def test_prepare_writes_complete_datasets(smoke, capsys):
     assert tm["counts"]["rows"] + hm["counts"]["rows"] == 512  # data.max_images, nothing skipped
     assert 0.1 < hm["counts"]["rows"] / 512 < 0.3  # holdout_fraction 0.2
     assert tm["tokenizer"] == hm["tokenizer"] == pm["tokenizer"]
-    assert tm["tokenizer"]["version"] == "kmeans-patch-vq/1" and tm["grid"] == [4, 4]
+    assert tm["tokenizer"]["version"] == "kmeans-patch-vq/2" and tm["grid"] == [4, 4]
     train = read_dataset(d / "train")
     assert train.schema.field("codes").type == pa.list_(pa.int32())
     assert set(train["prompt"].to_pylist()) == {digit_prompt(i) for i in range(10)}
@@ -47,7 +48,7 @@ def test_prepare_writes_complete_datasets(smoke, capsys):
 
 def test_prepare_is_skipped_when_done_and_tokenizer_is_loadable(smoke):
     from cca_ray.data import load_data_tokenizer
-    from cca_ray.prepare import is_prepared, prepare
+    from cca_ray.data.prepare import is_prepared, prepare
 
     assert is_prepared(smoke)
     before = read_manifest(smoke.data_dir / "train")["created"]
@@ -95,7 +96,7 @@ def _bad_parquet(path):
 
 
 def test_bad_rows_error_names_file_and_row(ray_local, tmp_path):
-    from cca_ray.prepare import prepare
+    from cca_ray.data.prepare import prepare
 
     f = _bad_parquet(tmp_path / "bad.parquet")
     cfg = load_config("smoke", workdir=tmp_path / "w", overrides={
@@ -106,7 +107,7 @@ def test_bad_rows_error_names_file_and_row(ray_local, tmp_path):
 
 
 def test_on_bad_row_skip_records_rows(ray_local, tmp_path, capsys):
-    from cca_ray import prepare
+    from cca_ray.data import prepare
 
     f = _bad_parquet(tmp_path / "bad.parquet")
     work = tmp_path / "w"
@@ -121,7 +122,7 @@ def test_on_bad_row_skip_records_rows(ray_local, tmp_path, capsys):
 
 
 def test_cli_reports_bad_input_and_exit_code(ray_local, tmp_path, capsys):
-    from cca_ray import prepare
+    from cca_ray.data import prepare
 
     with pytest.raises(SystemExit) as e:
         prepare.main(["--preset", "smoke", "--workdir", str(tmp_path), "data.source=parquet",
@@ -136,7 +137,7 @@ def test_cli_reports_bad_input_and_exit_code(ray_local, tmp_path, capsys):
 def test_reference_pass_and_verification(smoke, tmp_path):
     import torch
 
-    from cca_ray.data.reference import REFERENCE_VERSION, ReferenceMismatchError, reference_pass
+    from cca_ray.train.reference import REFERENCE_VERSION, ReferenceMismatchError, reference_pass
     from cca_ray.models import build_tiny_model, load_model
 
     prompts = [digit_prompt(i) for i in range(10)]
@@ -200,7 +201,7 @@ def test_prepare_with_emu3_vqvae_tokenizer(ray_local, tmp_path):
     from transformers import Emu3VQVAE, Emu3VQVAEConfig
 
     from cca_ray.data import checkpoint_id
-    from cca_ray.prepare import prepare
+    from cca_ray.data.prepare import prepare
 
     torch.manual_seed(0)
     vq = tmp_path / "vq"

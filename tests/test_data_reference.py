@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cca_ray.config import load_config
-from cca_ray.data.reference import REFERENCE_VERSION, ReferenceMismatchError, _conditions, verify_reference
+from cca_ray.train.reference import REFERENCE_VERSION, ReferenceMismatchError, _conditions, verify_reference
 from cca_ray.data.schema import PAIRS_REF_SCHEMA, DataError
 
 PROMPTS = [f"a handwritten digit {w}" for w in ("zero", "one", "two", "three")]
@@ -27,12 +27,12 @@ def test_conditions_are_the_real_prompts_and_a_missing_one_names_the_row():
 def tiny_model(tmp_path_factory):
     from cca_ray.models import build_tiny_model
 
-    return build_tiny_model(tmp_path_factory.mktemp("ref") / "base", load_config("smoke").model, CODEBOOK, PROMPTS)
+    return build_tiny_model(tmp_path_factory.mktemp("ref") / "base", load_config("smoke").model, codebook_size=CODEBOOK, prompts=PROMPTS)
 
 
 def test_scorer_scores_real_prompts_whatever_the_null_flags_and_adds_ref_logp_null(tiny_model):
     """ref_logp_pos/neg = log p(x | the row's prompts) on flagged rows too; ref_logp_null = log p(x | "")."""
-    from cca_ray.data.reference import ReferenceScorer
+    from cca_ray.train.reference import ReferenceScorer
     from cca_ray.models import load_model
 
     rng = np.random.default_rng(0)

@@ -9,9 +9,10 @@ import pytest
 
 from cca_ray.data import checkpoint_id, read_dataset, read_manifest
 from cca_ray.data.schema import BASE_SCHEMA, DataError
-from cca_ray.data.shards import atomic_dir, make_manifest, write_manifest, write_table_shards
+from cca_ray.fs import atomic_dir
+from cca_ray.data.shards import make_manifest, write_manifest, write_table_shards
 
-TOKENIZER = {"family": "kmeans", "version": "kmeans-patch-vq/1", "codebook_size": 16, "grid": [2, 2]}
+TOKENIZER = {"family": "kmeans", "version": "kmeans-patch-vq/2", "codebook_size": 16, "grid": [2, 2]}
 
 
 def table(n=10, codes=None, grid=(2, 2)):

@@ -17,19 +17,21 @@ from sklearn.datasets import load_digits
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from cca_ray.config import load_config
-from cca_ray.metrics import (
+from cca_ray.evaluate.extractors import (
+    extractor_from_config,
+    inception_weights_path,
+    load_extractor,
+    train_mnist_cnn,
+)
+from cca_ray.evaluate.fidelity import (
     ImageArrayDataset,
     check_comparable,
     compute_metrics,
     condition_accuracy,
-    extractor_from_config,
     fid_proxy,
-    inception_weights_path,
-    load_extractor,
     prepare_reference,
-    train_mnist_cnn,
 )
-from cca_ray.metrics.extractors import state_digest
+from cca_ray.evaluate.extractors import state_digest
 
 
 @pytest.fixture(scope="module")

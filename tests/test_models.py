@@ -5,7 +5,7 @@ import torch
 
 from cca_ray.config import ModelConfig
 from cca_ray.models import build_tiny_model, load_model
-from cca_ray.models.emu3 import BOS, EOL, IMG_START, IMG_TOKEN
+from cca_ray.models.emu3.adapter import BOS, EOL, IMG_START, IMG_TOKEN
 
 PROMPTS = ["a handwritten digit seven", "a handwritten digit one", "a handwritten digit zero"]
 GRID = (3, 4)

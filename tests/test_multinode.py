@@ -47,7 +47,7 @@ RUN_NAME = "cca-two-nodes"
 def test_two_node_training_lands_shards_and_survives_losing_a_node(tmp_path):
     from cca_ray.config import load_config
     from cca_ray.data.shards import read_manifest
-    from cca_ray.train_data import BatchPlan
+    from cca_ray.train.batches import BatchPlan
 
     # /tmp/ccamn-XXXX: Ray's unix socket paths under it must stay below 108 bytes (pytest's tmp_path is too long)
     ray_tmp = tempfile.mkdtemp(prefix="ccamn-", dir="/tmp")
@@ -141,9 +141,9 @@ def run_scenario(workdir: Path) -> dict:
     from ray.cluster_utils import Cluster
 
     from cca_ray.config import load_config
-    from cca_ray.prepare import prepare
-    from cca_ray.pretrain import build_init_model
-    from cca_ray.train import run_training
+    from cca_ray.data.prepare import prepare
+    from cca_ray.train.pretrain import build_init_model
+    from cca_ray.train.driver import run_training
 
     t0 = time.monotonic()
     # Ray joins a cluster at the node's own IP (it rewrites 127.0.0.1 to it), like `ray_local` does; only the

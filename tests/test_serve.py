@@ -21,7 +21,8 @@ import pytest
 from PIL import Image
 
 from cca_ray.config import ConfigError, load_config
-from cca_ray.serve_api import APIError, ServeLimits, image_grid, png_bytes, validate_request
+from cca_ray.serve.api import APIError, ServeLimits, png_bytes, validate_request
+from cca_ray.tracking import image_grid
 
 DIGITS = "zero one two three four five six seven eight nine".split()
 LABEL_PROMPTS = {i: f"a handwritten digit {w}" for i, w in enumerate(DIGITS)}
@@ -105,8 +106,8 @@ def test_serve_config_bounds():
 
 
 def test_checkpoint_and_label_resolution(tmp_path):
-    from cca_ray.serve import is_loopback
-    from cca_ray.serve_assets import default_checkpoint, find_model_dir, load_label_prompts
+    from cca_ray.serve.app import is_loopback
+    from cca_ray.serve.assets import default_checkpoint, find_model_dir, load_label_prompts
 
     cfg = load_config("smoke", workdir=tmp_path)
     with pytest.raises(FileNotFoundError, match="no model to serve"):
@@ -127,7 +128,7 @@ def test_checkpoint_and_label_resolution(tmp_path):
 
 
 def test_cli_without_a_model_exits_2_naming_what_is_missing(tmp_path, capsys):
-    from cca_ray.serve import main
+    from cca_ray.serve.app import main
 
     with pytest.raises(SystemExit) as e:
         main(["--preset", "smoke", "--workdir", str(tmp_path)])
@@ -142,7 +143,7 @@ def test_checkpoint_from_mlflow_uris(tmp_path):
     """runs:/ and models:/ URIs resolve to a local dir holding the checkpoint (real sqlite MLflow)."""
     from mlflow.tracking import MlflowClient
 
-    from cca_ray.serve_assets import resolve_checkpoint
+    from cca_ray.serve.assets import resolve_checkpoint
 
     ckpt = tmp_path / "export"
     ckpt.mkdir()
@@ -186,7 +187,7 @@ def app(ray_local, tmp_path_factory):
     from sklearn.datasets import load_digits
 
     from cca_ray.models import build_tiny_model
-    from cca_ray.serve import run_app
+    from cca_ray.serve.app import run_app
     from cca_ray.tokenizers import build_tokenizer
 
     work = tmp_path_factory.mktemp("serve")
@@ -195,7 +196,8 @@ def app(ray_local, tmp_path_factory):
     imgs = (load_digits().images[:300] * 16).clip(0, 255).astype(np.uint8)[..., None]
     build_tokenizer(cfg.tokenizer, image_size=8, channels=1).fit(imgs).save(cfg.data_dir / "tokenizer")
     _write_holdout(cfg.data_dir / "holdout")
-    model_dir = build_tiny_model(work / "model", cfg.model, cfg.tokenizer.codebook_size, list(LABEL_PROMPTS.values()))
+    model_dir = build_tiny_model(work / "model", cfg.model, codebook_size=cfg.tokenizer.codebook_size,
+                                 prompts=list(LABEL_PROMPTS.values()))
     url = run_app(cfg, model_dir)
     yield cfg, url
     serve.shutdown()
@@ -354,7 +356,7 @@ def test_queue_bound_and_timeout(app):
     import httpx
     from ray import serve
 
-    from cca_ray.serve import build_app
+    from cca_ray.serve.app import build_app
 
     cfg, url = app
     tight = cfg.model_copy(deep=True)

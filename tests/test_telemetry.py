@@ -267,9 +267,9 @@ def test_training_exports_every_train_metric_a_dashboard_charts(ray_local, tmp_p
     """A real 2-step CCA run (smoke preset, 2 Ray Train workers, DeepSpeed) exports, from rank 0, every
     ray_cca_train_* series the dashboards query, tagged with the run's name and objective."""
     from cca_ray.config import load_config
-    from cca_ray.prepare import prepare
-    from cca_ray.pretrain import build_init_model
-    from cca_ray.train import run_training
+    from cca_ray.data.prepare import prepare
+    from cca_ray.train.pretrain import build_init_model
+    from cca_ray.train.driver import run_training
 
     ray = ray_local
     cfg = load_config("smoke", overrides=["train.max_steps=2", "train.log_every=1", "train.checkpoint_every=2"],

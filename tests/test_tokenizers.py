@@ -8,7 +8,7 @@ import pytest
 from cca_ray.config import load_config
 from cca_ray.data.sources import iter_rows, make_source
 from cca_ray.tokenizers import TOKENIZERS, build_tokenizer, load_tokenizer
-from cca_ray.tokenizers.emu3_vqvae import Emu3VQVAETokenizer
+from cca_ray.models.emu3.vqvae import Emu3VQVAETokenizer
 from cca_ray.tokenizers.kmeans import KMeansPatchTokenizer, patchify, unpatchify
 
 
@@ -73,7 +73,7 @@ def test_kmeans_save_load_identity(tmp_path, smoke_images, fitted):
     assert isinstance(tok, KMeansPatchTokenizer)
     ident = tok.identity()
     assert ident == fitted.identity()
-    assert ident["version"] == "kmeans-patch-vq/1" and ident["family"] == "kmeans"
+    assert ident["version"] == "kmeans-patch-vq/2" and ident["family"] == "kmeans"
     assert ident["grid"] == [4, 4] and ident["codebook_size"] == 32
     assert np.array_equal(tok.encode(images[:20]), fitted.encode(images[:20]))
 

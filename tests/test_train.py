@@ -10,10 +10,10 @@ import pyarrow as pa
 import pytest
 import torch
 
-from cca_ray import checkpoint as ckpt
+from cca_ray.train import checkpoint as ckpt
 from cca_ray.config import load_config
-from cca_ray.trainer import Trainer, deepspeed_config, local_process_group, lr_factor, reference_config
-from cca_ray.train_data import (BatchPlan, TrainDataError, TrainRows, check_reference_columns, make_micro_batch,
+from cca_ray.train.recipe import Trainer, deepspeed_config, local_process_group, lr_factor, reference_config
+from cca_ray.train.batches import (BatchPlan, TrainDataError, TrainRows, check_reference_columns, make_micro_batch,
                                  total_steps)
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -27,7 +27,7 @@ def synthetic_rows(n: int = 48, seed: int = 0) -> TrainRows:
     lab = rng.integers(0, 10, n)
     neg = (lab + rng.integers(1, 10, n)) % 10
     return TrainRows(codes=rng.integers(0, CODEBOOK, (n, *GRID)).astype(np.int32),
-                     prompt=[PROMPTS[i] for i in lab], neg_prompt=[PROMPTS[i] for i in neg],
+                     cond=[PROMPTS[i] for i in lab], neg_cond=[PROMPTS[i] for i in neg],
                      pos_null=rng.random(n) < 0.25, neg_null=rng.random(n) < 0.25, source="synthetic")
 
 
@@ -69,16 +69,16 @@ def test_micro_batch_negatives_come_from_the_pairing_and_nulls_from_the_data():
     data = synthetic_rows()
     rows = np.array([3, 1, 4, 15, 9, 26])
     mb = make_micro_batch(data, rows, "cca")
-    assert mb.neg_prompts == [data.neg_prompt[i] for i in rows]  # the data's pair, whatever the batch holds
+    assert mb.neg_conds == [data.neg_cond[i] for i in rows]  # the data's pair, whatever the batch holds
     assert mb.neg_is_null is None
     cfg_mb = make_micro_batch(data, rows, "cca_cfg")
     for j, i in enumerate(rows):
-        assert cfg_mb.pos_prompts[j] == ("" if data.pos_null[i] else data.prompt[i])
-        assert cfg_mb.neg_prompts[j] == ("" if data.neg_null[i] else data.neg_prompt[i])
+        assert cfg_mb.pos_conds[j] == (None if data.pos_null[i] else data.cond[i])
+        assert cfg_mb.neg_conds[j] == (None if data.neg_null[i] else data.neg_cond[i])
     assert cfg_mb.neg_is_null.tolist() == data.neg_null[rows].tolist()
     sft = [make_micro_batch(data, np.arange(40), "sft", cond_dropout=0.5, dropout_seed=(0, 3, 1, 0)) for _ in range(2)]
-    assert sft[0].neg_prompts is None and sft[0].pos_prompts == sft[1].pos_prompts  # a repeated step draws the same
-    assert 5 < sum(p == "" for p in sft[0].pos_prompts) < 35
+    assert sft[0].neg_conds is None and sft[0].pos_conds == sft[1].pos_conds  # a repeated step draws the same
+    assert 5 < sum(p is None for p in sft[0].pos_conds) < 35
 
 
 def test_micro_batch_reference_columns_follow_the_objective():
@@ -110,12 +110,12 @@ def test_read_rows_reads_pairs_ref_through_the_data_package(tmp_path):
     """read_rows uses cca_ray.data's reader: its file/row errors, plus the trainer's own row checks."""
     from cca_ray.data.schema import PAIRS_REF_SCHEMA, DataError
     from cca_ray.data.shards import make_manifest, write_manifest, write_table_shards
-    from cca_ray.train_data import read_rows
+    from cca_ray.train.batches import read_rows
 
     data = synthetic_rows(n=10)
     cols = {"codes": [c.ravel().tolist() for c in data.codes], "grid_h": [4] * 10, "grid_w": [4] * 10,
-            "label": [None] * 10, "prompt": data.prompt, "source_id": [f"f.parquet#{i}" for i in range(10)],
-            "neg_label": [None] * 10, "neg_prompt": data.neg_prompt, "pos_null": data.pos_null,
+            "label": [None] * 10, "prompt": data.cond, "source_id": [f"f.parquet#{i}" for i in range(10)],
+            "neg_label": [None] * 10, "neg_prompt": data.neg_cond, "pos_null": data.pos_null,
             "neg_null": data.neg_null, "ref_logp_pos": np.full(10, -50.0), "ref_logp_neg": np.full(10, -51.0),
             "ref_logp_null": np.full(10, -52.0)}
 
@@ -155,7 +155,8 @@ def process_group():
 def tiny_model(tmp_path_factory):
     from cca_ray.models import build_tiny_model
 
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "base", smoke_cfg().model, CODEBOOK, PROMPTS)
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "base", smoke_cfg().model, codebook_size=CODEBOOK,
+                            prompts=PROMPTS)
 
 
 def _params(module) -> dict[str, torch.Tensor]:
@@ -171,7 +172,7 @@ def test_few_steps_change_every_trainable_parameter_and_no_reference_parameter(p
     for key in ("loss", "rel_logp_pos", "rel_logp_neg", "pair_accuracy", "grad_norm", "lr", "tokens_per_s"):
         assert np.isfinite(metrics[key]), key
     trainable = {n for n, p in tr.engine.module.named_parameters() if p.requires_grad}
-    assert trainable and all(not n.startswith(ckpt.FROZEN_PREFIXES) for n in trainable)
+    assert trainable and all(not n.startswith(tr.adapter.frozen_prefixes) for n in trainable)
     after = _params(tr.engine.module)
     unchanged = [n for n in trainable if torch.equal(policy0[n], after[n])]
     assert not unchanged, f"trainable parameters that did not move: {unchanged}"
@@ -185,11 +186,11 @@ def test_few_steps_change_every_trainable_parameter_and_no_reference_parameter(p
 def test_precomputed_reference_gives_the_online_loss(process_group, tiny_model):
     """ref_logp_* made by the data stage's own ReferenceScorer == the trainer's online reference engine,
     for cca and dpo (real prompts, flags ignored) and cca_cfg (ref_logp_null where a flag is set)."""
-    from cca_ray.data.reference import ReferenceScorer
+    from cca_ray.train.reference import ReferenceScorer
 
     data = synthetic_rows(n=16, seed=1)
     table = pa.table({"codes": pa.array([c.ravel().tolist() for c in data.codes], pa.list_(pa.int32())),
-                      "prompt": data.prompt, "neg_prompt": data.neg_prompt, "pos_null": data.pos_null,
+                      "prompt": data.cond, "neg_prompt": data.neg_cond, "pos_null": data.pos_null,
                       "neg_null": data.neg_null, "source_id": [f"s{i}" for i in range(16)]})
     scored = ReferenceScorer(str(tiny_model), "emu3", "float32", CODEBOOK, GRID)(table)
     cols = {k: scored.column(k).to_numpy() for k in ("ref_logp_pos", "ref_logp_neg", "ref_logp_null")}
@@ -248,7 +249,7 @@ def test_a_trial_stopped_after_its_last_step_is_exported_from_its_checkpoint(pro
     """ASHA can stop a trial at its final report, before the driver exports it: the main job then exports
     the final checkpoint itself, but never one from a trial stopped part-way."""
     from cca_ray.models import load_model
-    from cca_ray.tune import finished_export
+    from cca_ray.tune.sweep import finished_export
 
     cfg = smoke_cfg("train.objective=sft", "train.max_steps=2")
     t = Trainer(cfg, "train", model_dir=tiny_model, data=synthetic_rows()).setup()

@@ -19,7 +19,7 @@ CCA_METRICS = ("loss", "rel_logp_pos", "rel_logp_neg", "pair_accuracy", "grad_no
 
 @pytest.fixture(scope="module")
 def prepared(ray_local, tmp_path_factory):
-    from cca_ray.prepare import prepare
+    from cca_ray.data.prepare import prepare
 
     cfg = load_config("smoke", overrides=["pretrain.max_steps=4", "pretrain.checkpoint_every=4"],
                       workdir=tmp_path_factory.mktemp("train_e2e"))
@@ -29,7 +29,7 @@ def prepared(ray_local, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def base_model(prepared):
-    from cca_ray.pretrain import pretrain
+    from cca_ray.train.pretrain import pretrain
 
     return pretrain(prepared)
 
@@ -60,9 +60,9 @@ def test_cca_survives_an_injected_worker_failure(prepared, base_model):
     must resume there and run steps 4, 5, 6 exactly once: the final data fingerprint (a sum over the
     rows each step consumed, carried in the checkpoint) equals that of an uninterrupted run."""
     from cca_ray.models import load_model
-    from cca_ray.train import run_training
+    from cca_ray.train.driver import run_training
     from cca_ray.data import read_manifest
-    from cca_ray.train_data import BatchPlan
+    from cca_ray.train.batches import BatchPlan
 
     def fake_fid_proxy(trainer) -> dict:  # stands in for tune's FID-proxy hook (a local function: pickled by value)
         return {"fid_proxy": float(trainer.step)}

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from cca_ray.config import ConfigError, load_config, with_overrides
-from cca_ray.evaluate import format_table
-from cca_ray.sampling_jobs import balanced_prompts, image_grid
-from cca_ray.tune import load_space
+from cca_ray.evaluate.report import format_table
+from cca_ray.evaluate.sampling import balanced_conditions
+from cca_ray.tracking import image_grid
+from cca_ray.tune.sweep import load_space
 
 
 def test_spaces_of_shipped_presets_load():
@@ -38,10 +39,12 @@ def test_trial_overrides_are_validated():
         with_overrides(cfg, {"train.lam": -1.0})
 
 
-def test_balanced_prompts_and_grid():
-    prompts, labels = balanced_prompts({0: "zero", 1: "one", 2: "two"}, 7)
+def test_balanced_conditions_and_grid():
+    prompts, labels = balanced_conditions({0: "zero", 1: "one", 2: "two"}, 7)
     assert labels.tolist() == [0, 1, 2, 0, 1, 2, 0] and prompts[4] == "one"
-    g = image_grid(np.full((12, 4, 5, 1), 7, np.uint8), ncol=5)
+    ids, labels = balanced_conditions({0: "zero", 1: "one", 2: "two"}, 4, "label", first=2)
+    assert ids == [2, 0, 1, 2] and labels.tolist() == ids
+    g = image_grid(np.full((12, 4, 5, 1), 7, np.uint8), ncols=5)
     assert g.shape == (12, 25, 1) and g[:8].min() == 7 and g[8:, :10].min() == 7 and g[8:, 10:].max() == 0
 
 
@@ -55,7 +58,7 @@ def test_smoke_main_job_end_to_end(ray_local, tmp_path):
     """prepare -> pretrain -> CFG baseline -> ASHA sweep -> evaluation -> MLflow parent/child runs + plot."""
     from mlflow.tracking import MlflowClient
 
-    from cca_ray.tune import run_main_job
+    from cca_ray.tune.job import run_main_job
 
     cfg = load_config("smoke", workdir=tmp_path)
     out = run_main_job(cfg)
@@ -101,7 +104,7 @@ def test_smoke_main_job_end_to_end(ray_local, tmp_path):
 
 
 def test_trade_off_plot_with_every_kind_of_point(tmp_path):
-    from cca_ray.tune import trade_off_plot
+    from cca_ray.evaluate.report import trade_off_plot
 
     cfg_rows = [{"guidance": g, "fid": 2 - g / 2, "isc_mean": 5 + g, "precision": 0.5, "recall": 0.5 - g / 10}
                 for g in (0.0, 1.0, 2.0)]

@@ -1,4 +1,4 @@
-"""Data: sources, the Ray Data prepare pipeline, pairing/negatives, the reference pass, the shard schema.
+"""Stage `prepare` and the data every later stage reads: sources, the Ray Data pipeline, pairing, shards.
 
 The API later stages use (no Ray needed for reading):
 
@@ -6,12 +6,15 @@ The API later stages use (no Ray needed for reading):
     read_dataset(dir) -> pyarrow.Table          # checked: columns, grid, code range, counts
     read_dataset(dir, as_ray=True) -> ray.data.Dataset
     pair_table(train_table, seed, epoch, null_prob)   # re-pair per epoch
-    checkpoint_id(path); verify_reference(pairs_ref_dir, checkpoint)   # ReferenceMismatchError
+    checkpoint_id(path)                         # names a model checkpoint by content
     load_data_tokenizer(data_dir)               # the tokenizer, checked against train/'s manifest
     dataset_dir(cfg, "train" | "holdout" | "pairs" | "pairs_ref" | "tokenizer")
 
-Modules: schema (columns + checks), sources, shards (atomic dirs, manifests, readers),
-pairing (pure), pipeline (Ray Data steps), reference (reference pass), fingerprint.
+Modules, in the order data flows: sources (images + conditions), pipeline (Ray Data: read,
+tokenize, write), pairing (pure: negatives, null flags), shards (manifests, checked readers),
+schema (columns + checks), fingerprint; prepare.py runs them as the stage. The reference pass
+(the base model scoring every pair) is model inference and lives with training:
+cca_ray/train/reference.py.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ from pathlib import Path
 
 from cca_ray.data.fingerprint import checkpoint_id
 from cca_ray.data.pairing import pair_columns, pair_negatives, pair_table
-from cca_ray.data.reference import ReferenceMismatchError, verify_reference
 from cca_ray.data.schema import SCHEMA_VERSION, SCHEMAS, DataError
 from cca_ray.data.shards import read_dataset, read_manifest
 
@@ -49,7 +51,7 @@ def load_data_tokenizer(data_dir: str | Path, dataset: str = "train", device: st
 
 
 __all__ = [
-    "DATASET_DIRS", "SCHEMA_VERSION", "SCHEMAS", "DataError", "ReferenceMismatchError", "checkpoint_id",
+    "DATASET_DIRS", "SCHEMA_VERSION", "SCHEMAS", "DataError", "checkpoint_id",
     "dataset_dir", "load_data_tokenizer", "pair_columns", "pair_negatives", "pair_table", "read_dataset",
-    "read_manifest", "verify_reference",
+    "read_manifest",
 ]

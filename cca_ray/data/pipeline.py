@@ -23,7 +23,8 @@ import pyarrow.compute as pc
 
 from cca_ray.data.pairing import pair_table
 from cca_ray.data.schema import BASE_SCHEMA, DataError, code_problem, unwrap_ray_error
-from cca_ray.data.shards import atomic_dir, make_manifest, read_dataset, read_manifest, shard_files, write_manifest
+from cca_ray.fs import atomic_dir
+from cca_ray.data.shards import make_manifest, read_dataset, read_manifest, shard_files, write_manifest
 from cca_ray.data.sources import Row, split_of
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,7 @@ class Tokenize:
         from cca_ray.tokenizers import load_tokenizer
 
         self.tok = load_tokenizer(tokenizer_dir)
+        self.code_shape = self.tok.identity().get("code_shape")  # VAR's flat scales; None: the grid
         self.shape = (image_size, image_size, channels)
         self.on_bad_row = on_bad_row
 
@@ -140,7 +142,8 @@ class Tokenize:
             sids = t.column("source_id").to_pylist()
             for k, i in enumerate(idx):
                 # a tokenizer that disagrees with its own identity is a bug or a bad checkpoint
-                problem = code_problem(enc[k], gh, gw, self.tok.grid, self.tok.codebook_size)
+                problem = code_problem(enc[k], gh, gw, self.tok.grid, self.tok.codebook_size,
+                                       self.code_shape)
                 if problem:
                     if self.on_bad_row == "error":
                         raise DataError(f"{sids[i]}: {problem}")

@@ -2,8 +2,10 @@
 
 One row per image (DESIGN.md, "The shard schema"):
 
-    codes     list<int32>   row-major code grid, grid_h * grid_w entries in [0, codebook_size)
-    grid_h    int32
+    codes     list<int32>   row-major code grid, grid_h * grid_w entries in [0, codebook_size); a
+                            family whose codes are several grids (VAR's 10 scales) stores them flat,
+                            concatenated, with the layout in the manifest's tokenizer (code_shape, scales)
+    grid_h    int32         the image's code grid (VAR: its last scale)
     grid_w    int32
     label     int64, null   class label (digits: 0..9)
     prompt    string, null  text condition ("a handwritten digit seven")
@@ -64,33 +66,42 @@ def check_columns(table: pa.Table | pa.Schema, required: list[str], file: str) -
         raise DataError(f"{file}: missing column(s) {', '.join(missing)} (has: {', '.join(sorted(names))})")
 
 
-def code_problem(codes: np.ndarray, grid_h: int, grid_w: int, grid: tuple[int, int], codebook_size: int) -> str | None:
-    """Why one row's codes are invalid, or None. codes: int array [grid_h * grid_w]."""
+def num_codes(grid: tuple[int, int], code_shape=None) -> int:
+    """Codes per image: prod(code_shape) where the tokenizer names one (VAR: 680), else h*w."""
+    return int(np.prod(code_shape)) if code_shape else int(grid[0]) * int(grid[1])
+
+
+def code_problem(codes: np.ndarray, grid_h: int, grid_w: int, grid: tuple[int, int], codebook_size: int,
+                 code_shape=None) -> str | None:
+    """Why one row's codes are invalid, or None. codes: flat int array (num_codes(grid, code_shape) entries)."""
     if (int(grid_h), int(grid_w)) != tuple(grid):
         return f"grid {grid_h}x{grid_w} does not match the tokenizer grid {grid[0]}x{grid[1]}"
-    if codes.size != grid[0] * grid[1]:
-        return f"has {codes.size} codes, expected {grid[0]}x{grid[1]}={grid[0] * grid[1]}"
+    want = num_codes(grid, code_shape)
+    if codes.size != want:
+        layout = f"{list(code_shape)}" if code_shape else f"{grid[0]}x{grid[1]}"
+        return f"has {codes.size} codes, expected {layout}={want}"
     if codes.size and (codes.min() < 0 or codes.max() >= codebook_size):
         bad = int(codes[(codes < 0) | (codes >= codebook_size)][0])
         return f"code {bad} is outside the codebook [0, {codebook_size})"
     return None
 
 
-def validate_codes(table: pa.Table, file: str, grid: tuple[int, int], codebook_size: int, row_offset: int = 0) -> None:
-    """Check every row's grid and code range; raise DataError naming file and row (row_offset + i)."""
+def validate_codes(table: pa.Table, file: str, grid: tuple[int, int], codebook_size: int, row_offset: int = 0,
+                   code_shape=None) -> None:
+    """Check every row's grid, code count and code range; raise DataError naming file and row (row_offset + i)."""
     gh = table.column("grid_h").to_numpy(zero_copy_only=False)
     gw = table.column("grid_w").to_numpy(zero_copy_only=False)
     codes = table.column("codes").combine_chunks()
     offsets = codes.offsets.to_numpy()
     flat = codes.values.to_numpy(zero_copy_only=False)
-    n = grid[0] * grid[1]
+    n = num_codes(grid, code_shape)
     # vectorised fast path; fall back to per-row messages only when something is off
     lengths = np.diff(offsets)
     ok = (gh == grid[0]) & (gw == grid[1]) & (lengths == n)
     if ok.all() and (flat.size == 0 or (flat.min() >= 0 and flat.max() < codebook_size)):
         return
     for i in range(len(table)):
-        problem = code_problem(flat[offsets[i] : offsets[i + 1]], gh[i], gw[i], grid, codebook_size)
+        problem = code_problem(flat[offsets[i] : offsets[i + 1]], gh[i], gw[i], grid, codebook_size, code_shape)
         if problem:
             raise DataError(f"{where(file, row_offset + i)}: {problem}")
 

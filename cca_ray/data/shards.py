@@ -13,47 +13,18 @@ a new one. Readers (`read_manifest`, `read_dataset`) refuse a directory without 
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import json
-import shutil
-import uuid
 from pathlib import Path
-from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cca_ray.data.schema import SCHEMA_VERSION, SCHEMAS, DataError, check_columns, validate_codes
-from cca_ray.tokenizers.base import write_json_atomic
+from cca_ray.fs import atomic_dir, write_json_atomic  # noqa: F401  (atomic_dir: re-exported for writers)
 
 MANIFEST = "manifest.json"
 MAX_SKIPPED_IN_MANIFEST = 1000  # the full list goes to skipped.jsonl beside it
-
-
-@contextlib.contextmanager
-def atomic_dir(target: str | Path) -> Iterator[Path]:
-    """Yield a fresh temp dir next to `target`; on success it replaces `target` by rename.
-
-    On an exception the temp dir is removed and `target` is left as it was.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if target.exists():
-        # rename the old one aside first: rename onto a non-empty dir is not allowed
-        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-        target.rename(old)
-    tmp.rename(target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def shard_files(directory: str | Path) -> list[str]:
@@ -155,7 +126,8 @@ def read_dataset(directory: str | Path, columns: list[str] | None = None, valida
         t = read_shard(p)
         if validate:
             check_columns(t, required, str(p))
-            validate_codes(t, str(p), tuple(m["grid"]), int(m["codebook_size"]))
+            validate_codes(t, str(p), tuple(m["grid"]), int(m["codebook_size"]),
+                           code_shape=(m.get("tokenizer") or {}).get("code_shape"))
         tables.append(t.select(columns) if columns else t)
         offset += len(t)
     if offset != m["counts"]["rows"]:

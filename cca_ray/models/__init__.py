@@ -1,51 +1,83 @@
-"""Model families behind one protocol. MODEL_FAMILIES doubles as the CLI's choices."""
+"""Model families behind one protocol (base.py). One folder per family holds everything it needs.
+
+MODEL_FAMILIES maps `model.family` to its condition kind ("prompt" or "label") and to where the
+family's two entry points live (imported on first use, so loading one family never imports
+another's dependencies):
+
+    load(path, *, device, dtype, **options) -> ARVisualModel       a released checkpoint or our save()
+    build_tiny(out_dir, model_cfg, *, codebook_size, prompts, num_classes, grid) -> Path
+                                                                    a random-init model in the real layout
+
+A new family: a folder models/<family>/ with an adapter implementing base.ARVisualModel, an
+entry here, its image tokenizer in cca_ray.tokenizers.TOKENIZERS, and a `<family>-smoke` preset.
+"""
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from cca_ray.models.base import ARVisualModel, Cond
-from cca_ray.models.emu3 import SIDECAR, build_tiny_emu3, load_emu3
+from cca_ray.models.base import ARVisualModel, Cond, RawCondition
 
-MODEL_FAMILIES = {"emu3": {"load": load_emu3, "build_tiny": build_tiny_emu3}}
+SIDECAR = "cca_ray.json"  # written beside every checkpoint we save: the family and what rebuilds it
+
+MODEL_FAMILIES: dict[str, dict[str, str]] = {
+    "emu3": {"load": "cca_ray.models.emu3:load_emu3", "build_tiny": "cca_ray.models.emu3:build_tiny_from_config",
+             "condition_kind": "prompt"},
+}
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def _family(family: str) -> dict:
+def _entry(family: str, name: str):
     if family not in MODEL_FAMILIES:
         raise ValueError(f"unknown model family '{family}'; known: {', '.join(MODEL_FAMILIES)}")
-    return MODEL_FAMILIES[family]
+    module, attr = MODEL_FAMILIES[family][name].split(":")
+    return getattr(importlib.import_module(module), attr)
 
 
-def load_model(path, *, family: str | None = None, device="cpu", dtype=torch.float32, **kw) -> ARVisualModel:
-    """Load a local checkpoint directory. The family comes from the checkpoint's sidecar when not given."""
+def condition_kind(family: str) -> str:
+    """"prompt" (text families: conditions are prompt strings) or "label" (class ids)."""
+    if family not in MODEL_FAMILIES:
+        raise ValueError(f"unknown model family '{family}'; known: {', '.join(MODEL_FAMILIES)}")
+    return MODEL_FAMILIES[family]["condition_kind"]
+
+
+def is_checkpoint(path) -> bool:
+    """A loadable model: a directory we saved (sidecar) or a from_pretrained one (config.json), or a
+    family's released weights file (LlamaGen's .pt, VAR's .pth)."""
+    p = Path(path)
+    return (p / SIDECAR).is_file() or (p / "config.json").is_file() or (p.is_file() and p.suffix in (".pt", ".pth"))
+
+
+def checkpoint_family(path) -> str | None:
+    """The family named in a saved checkpoint's sidecar, or None."""
     side = Path(path) / SIDECAR
-    if family is None:
-        family = json.loads(side.read_text()).get("family", "emu3") if side.exists() else "emu3"
+    return json.loads(side.read_text()).get("family") if side.is_file() else None
+
+
+def load_model(path, *, family: str | None = None, device="cpu", dtype=torch.float32, **options) -> ARVisualModel:
+    """Load a local checkpoint (a directory we saved, or a family's released file/directory).
+
+    The family comes from the checkpoint's sidecar when not given; family-specific options
+    (LlamaGen's gpt_model, VAR's depth, ...) are passed through to the family's loader."""
+    family = family or checkpoint_family(path) or "emu3"
     if isinstance(dtype, str):
         dtype = DTYPES[dtype]
-    return _family(family)["load"](path, device=device, dtype=dtype, **kw)
+    return _entry(family, "load")(path, device=device, dtype=dtype, **options)
 
 
-def build_tiny_model(out_dir, model_cfg, codebook_size: int, prompts: Sequence[str] = ()) -> Path:
-    """Random-init model of `model_cfg`'s size, saved under out_dir (used when model.path is None)."""
-    return _family(model_cfg.family)["build_tiny"](
-        out_dir,
-        codebook_size=codebook_size,
-        hidden_size=model_cfg.hidden_size,
-        num_layers=model_cfg.num_layers,
-        num_heads=model_cfg.num_heads,
-        num_kv_heads=model_cfg.num_kv_heads,
-        intermediate_size=model_cfg.intermediate_size,
-        max_prompt_tokens=model_cfg.max_prompt_tokens,
-        prompts=prompts,
-        seed=model_cfg.seed,
-    )
+def build_tiny_model(out_dir, model_cfg, *, codebook_size: int, prompts: Sequence[str] = (),
+                     num_classes: int | None = None, grid: tuple[int, int] | None = None) -> Path:
+    """Random-init model of `model_cfg`'s family and size, saved under out_dir (used when model.path is None).
+    prompts: the dataset's prompts (text families build their BPE on them); num_classes: class families."""
+    return _entry(model_cfg.family, "build_tiny")(out_dir, model_cfg, codebook_size=codebook_size, prompts=prompts,
+                                                  num_classes=num_classes, grid=grid)
 
 
-__all__ = ["ARVisualModel", "Cond", "MODEL_FAMILIES", "load_model", "build_tiny_model"]
+__all__ = ["ARVisualModel", "Cond", "DTYPES", "MODEL_FAMILIES", "RawCondition", "SIDECAR", "build_tiny_model",
+           "checkpoint_family", "condition_kind", "is_checkpoint", "load_model"]

@@ -7,11 +7,11 @@ whatever the kind needs (k-means: centroids.npy; Emu3 VQ-VAE: a pointer to the w
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from cca_ray.fs import write_json_atomic
 
 META_FILE = "tokenizer.json"
 
@@ -60,15 +60,6 @@ class ImageTokenizer:
             raise ValueError(f"{self.kind} tokenizer expects uint8 images [N, {want[0]}, {want[1]}, {want[2]}], "
                              f"got {images.dtype} {list(images.shape)}")
         return images
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    """Write JSON to a temp file beside `path`, then rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
-    os.replace(tmp, path)
 
 
 def read_meta(path: str | Path) -> dict:

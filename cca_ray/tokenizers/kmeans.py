@@ -15,7 +15,7 @@ import numpy as np
 
 from cca_ray.tokenizers.base import ImageTokenizer
 
-VERSION = "kmeans-patch-vq/1"
+VERSION = "kmeans-patch-vq/2"  # 2: scikit-learn KMeans
 
 
 def patchify(images: np.ndarray, p: int) -> np.ndarray:
@@ -32,58 +32,21 @@ def unpatchify(patches: np.ndarray, p: int, c: int) -> np.ndarray:
     return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
 
 
-def nearest(x: np.ndarray, centroids: np.ndarray, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
-    """Index [M] (int32) and squared distance [M] of each row of x [M, D] to its nearest centroid [K, D]."""
-    c2 = (centroids**2).sum(1)
-    idx = np.empty(len(x), dtype=np.int32)
-    dist = np.empty(len(x), dtype=np.float32)
-    for s in range(0, len(x), chunk):
-        xs = x[s : s + chunk]
-        # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2; the ||x||^2 term does not change the argmin
-        d = c2[None, :] - 2.0 * xs @ centroids.T
-        idx[s : s + chunk] = d.argmin(1)
-        dist[s : s + chunk] = np.maximum(d[np.arange(len(xs)), idx[s : s + chunk]] + (xs**2).sum(1), 0.0)
-    return idx, dist
+def nearest(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Index int32 [M] of each row of x [M, D]'s nearest centroid [K, D] (squared Euclidean)."""
+    from sklearn.metrics import pairwise_distances_argmin
+
+    return pairwise_distances_argmin(x, centroids).astype(np.int32)
 
 
-def kmeans_pp_init(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """k-means++ seeding: each next centroid drawn with probability ~ squared distance. -> [k, D]"""
-    centroids = np.empty((k, x.shape[1]), dtype=np.float32)
-    centroids[0] = x[rng.integers(len(x))]
-    d2 = ((x - centroids[0]) ** 2).sum(1)
-    for j in range(1, k):
-        total = d2.sum()
-        # fewer distinct patches than k: repeat points rather than divide by zero
-        i = rng.choice(len(x), p=d2 / total) if total > 0 else rng.integers(len(x))
-        centroids[j] = x[i]
-        d2 = np.minimum(d2, ((x - centroids[j]) ** 2).sum(1))
-    return centroids
+def fit_kmeans(x: np.ndarray, k: int, iters: int, seed: int) -> np.ndarray:
+    """scikit-learn's k-means (k-means++ start, Lloyd iterations) on x [M, D] float32 -> centroids [k, D].
 
+    One init and a fixed seed: the codebook is a pure function of (patches, k, iters, seed)."""
+    from sklearn.cluster import KMeans
 
-def fit_kmeans(x: np.ndarray, k: int, iters: int, seed: int, progress: bool = False) -> np.ndarray:
-    """Lloyd's k-means on x [M, D] (float32) from a k-means++ start. -> centroids [k, D]."""
-    rng = np.random.default_rng(seed)
-    centroids = kmeans_pp_init(x, k, rng)
-    steps = range(iters)
-    if progress:
-        from tqdm.auto import tqdm
-
-        steps = tqdm(steps, desc="k-means", unit="iter", leave=False)
-    for _ in steps:
-        idx, dist = nearest(x, centroids)
-        counts = np.bincount(idx, minlength=k)
-        # per-dimension bincount: ~50x faster than np.add.at for scatter-sums
-        sums = np.stack([np.bincount(idx, weights=x[:, j], minlength=k) for j in range(x.shape[1])], axis=1)
-        new = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], centroids)
-        # an empty cluster takes the worst-fitted points so no code is wasted
-        empty = np.flatnonzero(counts == 0)
-        if len(empty):
-            new[empty] = x[np.argsort(dist)[::-1][: len(empty)]]
-        if np.allclose(new, centroids, atol=1e-6):
-            centroids = new
-            break
-        centroids = new
-    return centroids.astype(np.float32)
+    km = KMeans(n_clusters=k, init="k-means++", n_init=1, max_iter=iters, tol=1e-6, random_state=seed)
+    return km.fit(x.astype(np.float32)).cluster_centers_.astype(np.float32)
 
 
 class KMeansPatchTokenizer(ImageTokenizer):
@@ -111,7 +74,7 @@ class KMeansPatchTokenizer(ImageTokenizer):
         x = patchify(images, self.patch_size).reshape(-1, self.patch_size**2 * self.channels)
         if len(x) > self.max_patches:
             x = x[np.random.default_rng(self.seed).choice(len(x), self.max_patches, replace=False)]
-        self.centroids = fit_kmeans(x, self.codebook_size, self.iters, self.seed, progress)
+        self.centroids = fit_kmeans(x, self.codebook_size, self.iters, self.seed)
         return self
 
     def _need_fit(self) -> np.ndarray:
@@ -124,7 +87,7 @@ class KMeansPatchTokenizer(ImageTokenizer):
         centroids = self._need_fit()
         patches = patchify(self.check_images(images), self.patch_size)
         n, gh, gw, d = patches.shape
-        return nearest(patches.reshape(-1, d), centroids)[0].reshape(n, gh, gw)
+        return nearest(patches.reshape(-1, d), centroids).reshape(n, gh, gw)
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
         """int [N, gh, gw] -> uint8 [N, H, W, C] built from centroid patches."""

@@ -85,6 +85,7 @@ class ServeLimits:
     max_prompt_tokens: int
     prompt_length: Callable[[str], int]  # BPE tokens of a prompt
     label_prompts: dict[int, str] = field(default_factory=dict)  # class -> the dataset's prompt
+    condition_kind: str = "prompt"  # "label": a class-conditional model (LlamaGen, VAR) takes class ids
     guidance_scale: float = 0.0
     temperature: float = 1.0
     top_k: int | None = None
@@ -99,10 +100,11 @@ class ServeLimits:
 class GenerationSpec:
     """A validated request, ready for the sampler."""
 
-    cond_prompt: str  # what the model is conditioned on ("" = the null condition)
+    cond_prompt: str  # the condition as text (the response's revised_prompt; "" = the null condition)
     n: int
     seeds: list[int] | None  # None: the server draws fresh seeds
     key: SamplingKey
+    cond: str | int | None = None  # the raw condition the model takes (a prompt, a class id; None = null)
 
 
 def _pydantic_to_api_error(err: ValidationError) -> APIError:
@@ -167,6 +169,24 @@ def resolve_condition(req: ImageGenerationRequest, limits: ServeLimits) -> str:
     return req.prompt
 
 
+def raw_condition(cond_prompt: str, req: ImageGenerationRequest, limits: ServeLimits) -> str | int | None:
+    """What the model is conditioned on: the prompt itself for text models; for class-conditional
+    ones the class id named by `label`, by a prompt that is a class id, or by a class's prompt text."""
+    if limits.condition_kind == "prompt":
+        return cond_prompt
+    if cond_prompt == "":
+        return None  # the null class: unconditional samples
+    by_text = {p: lab for lab, p in limits.label_prompts.items()}
+    if req.label is not None:
+        return req.label
+    if cond_prompt in by_text:
+        return by_text[cond_prompt]
+    known = ", ".join(f"{k} ({v!r})" for k, v in sorted(limits.label_prompts.items())[:12])
+    raise APIError(400, f"Invalid value for 'prompt': this model is class-conditional and takes a class, not free "
+                        f"text; give 'label' (or a prompt that is a class id or a class's prompt). Classes: {known}",
+                   param="prompt", code="invalid_value")
+
+
 def validate_request(body: bytes, limits: ServeLimits) -> GenerationSpec:
     """Raw request body -> GenerationSpec, or APIError naming the field."""
     try:
@@ -196,7 +216,8 @@ def validate_request(body: bytes, limits: ServeLimits) -> GenerationSpec:
         grid=grid,
     )
     seeds = [req.seed + i for i in range(req.n)] if req.seed is not None else None
-    return GenerationSpec(cond_prompt=cond_prompt, n=req.n, seeds=seeds, key=key)
+    return GenerationSpec(cond_prompt=cond_prompt, n=req.n, seeds=seeds, key=key,
+                          cond=raw_condition(cond_prompt, req, limits))
 
 
 # -- responses ------------------------------------------------------------------------------
@@ -214,18 +235,6 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 def png_b64(image: np.ndarray) -> str:
     return base64.b64encode(png_bytes(image)).decode("ascii")
-
-
-def image_grid(images: np.ndarray, ncols: int | None = None) -> np.ndarray:
-    """uint8 [N, H, W, C] -> one uint8 [rows*H, ncols*W, C] contact sheet (blank cells are 0)."""
-    n, h, w, c = images.shape
-    ncols = ncols or max(1, math.ceil(math.sqrt(n)))
-    nrows = math.ceil(n / ncols)
-    out = np.zeros((nrows * h, ncols * w, c), dtype=images.dtype)
-    for i, img in enumerate(images):
-        r, col = divmod(i, ncols)
-        out[r * h : (r + 1) * h, col * w : (col + 1) * w] = img
-    return out
 
 
 def generation_response(created: int, model_name: str, size: str, items: list[dict]) -> dict:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cca_ray.models.base import Cond
+from cca_ray.models.emu3.decode import KVBackend
 from cca_ray.sample import SampleOutput, decode
 
 BOS, EOS, EOL, EOF = "<|extra_203|>", "<|extra_204|>", "<|extra_200|>", "<|extra_201|>"
@@ -31,6 +32,8 @@ IMG_START, IMG_END, IMG_TOKEN, IMAGE = "<|image start|>", "<|image end|>", "<|im
 PAD = "<|endoftext|>"
 SPECIALS = [PAD, EOL, EOF, BOS, EOS, IMG_START, IMG_END, IMG_TOKEN, IMAGE]
 SIDECAR = "cca_ray.json"  # our facts about a checkpoint: family, codebook size, prompt limit
+# Parameters the trainer never updates: the VQ-VAE inside the checkpoint (images are tokenized already).
+FROZEN_PREFIXES = ("hf.model.vqmodel.",)
 
 
 def visual_token(k: int) -> str:
@@ -67,82 +70,12 @@ class Emu3Scorer(nn.Module):
         return logp.sum(-1)
 
 
-class _KVBackend:
-    """Decode backend for cca_ray.sample.decode: prefill through the transformers text model,
-    then one token per step through a lean loop over the same weights with a preallocated
-    KV cache.
-
-    Why not the transformers forward for the steps: at decode time a step is a handful of
-    [rows, hidden] matmuls, and the per-call overhead (mask construction, DynamicCache
-    concatenation that copies the whole cache every step, kwargs plumbing) costs as much as
-    the matmuls on CPU and does not grow with the rows, which hides most of what dropping
-    the unconditional branch saves. Here each step writes its K/V into a buffer sized for
-    the whole sequence and attends over a view of it. The numbers are the transformers
-    forward's (tests compare both), as long as the model is a plain Emu3/Llama decoder.
-    """
-
-    def __init__(self, scorer: Emu3Scorer, max_new_tokens: int):
-        from transformers.models.emu3.modeling_emu3 import apply_rotary_pos_emb
-
-        self.rope = apply_rotary_pos_emb  # the transformers forward's own RoPE
-        self.scorer = scorer
-        self.text_model = scorer.hf.model.text_model
-        self.max_new = max_new_tokens
-
-    def prefill(self, input_ids, attention_mask, need_logits):
-        out = self.text_model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=(attention_mask.cumsum(-1) - 1).clamp_(min=0),
-            use_cache=True,
-        )
-        rows, length = input_ids.shape
-        total = length + self.max_new
-        self.keys, self.values = [], []
-        for layer in out.past_key_values.layers:
-            for src, dst in ((layer.keys, self.keys), (layer.values, self.values)):
-                buf = src.new_empty(rows, src.shape[1], total, src.shape[3])
-                buf[:, :, :length] = src
-                dst.append(buf)
-        self.allow = torch.ones(rows, 1, 1, total, dtype=torch.bool, device=input_ids.device)
-        self.allow[:, 0, 0, :length] = attention_mask.bool()  # left padding stays masked
-        self.pos = attention_mask.sum(-1) - 1  # position id of each row's last token
-        self.t = length  # next free slot in the buffers
-        h = out.last_hidden_state[:, -1]
-        return self.scorer.visual_logits(h) if need_logits else None
-
-    def step(self, token_ids, need_logits):
-        tm, t = self.text_model, self.t
-        if t >= self.allow.shape[-1]:
-            raise RuntimeError(f"decode ran past the {self.max_new} steps the KV cache was sized for")
-        self.pos = self.pos + 1
-        x = tm.embed_tokens(token_ids.unsqueeze(-1))  # [R, 1, H]
-        rows = x.shape[0]
-        cos, sin = tm.rotary_emb(x, self.pos.unsqueeze(-1))  # [R, 1, d]
-        allow = self.allow[..., : t + 1]
-        for i, layer in enumerate(tm.layers):
-            attn = layer.self_attn
-            d = attn.head_dim
-            h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(rows, 1, -1, d).transpose(1, 2)
-            k = attn.k_proj(h).view(rows, 1, -1, d).transpose(1, 2)
-            q, k = self.rope(q, k, cos, sin)
-            self.keys[i][:, :, t : t + 1] = k
-            self.values[i][:, :, t : t + 1] = attn.v_proj(h).view(rows, 1, -1, d).transpose(1, 2)
-            o = F.scaled_dot_product_attention(
-                q, self.keys[i][:, :, : t + 1], self.values[i][:, :, : t + 1], attn_mask=allow,
-                scale=attn.scaling, enable_gqa=attn.num_key_value_groups > 1,
-            )
-            x = x + attn.o_proj(o.transpose(1, 2).reshape(rows, 1, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        self.t = t + 1
-        return self.scorer.visual_logits(tm.norm(x[:, -1])) if need_logits else None
-
-
 class Emu3Adapter:
     """ARVisualModel over a local Emu3ForConditionalGeneration checkpoint."""
 
     family = "emu3"
+    condition_kind = "prompt"
+    frozen_prefixes = FROZEN_PREFIXES
 
     def __init__(self, hf: nn.Module, tokenizer, *, max_prompt_tokens: int = 256):
         self.hf = hf
@@ -169,10 +102,13 @@ class Emu3Adapter:
         size = self.tokenizer.encode(f"{grid[0]}*{grid[1]}", add_special_tokens=False)
         return [self.bos_id, *prompt_ids, self.img_start_id, *size, self.img_token_id]
 
-    def encode_conditions(self, raw: Sequence[str], grid: tuple[int, int]) -> Cond:
-        """Prompts -> left-padded prefixes. "" is the null condition (CFG / CCA+CFG)."""
+    def encode_conditions(self, raw: Sequence[str | None], grid: tuple[int, int] | None = None) -> Cond:
+        """Prompts -> left-padded prefixes. None or "" is the null condition (CFG / CCA+CFG)."""
+        if grid is None:
+            raise ValueError("Emu3 conditions name the image grid in their prefix: pass grid=(h, w)")
         rows = []
         for i, prompt in enumerate(raw):
+            prompt = "" if prompt is None else prompt
             if not isinstance(prompt, str):
                 raise ValueError(f"prompt {i}: expected a string, got {type(prompt).__name__}")
             ids = self.tokenizer.encode(prompt, add_special_tokens=False) if prompt else []
@@ -189,11 +125,19 @@ class Emu3Adapter:
             mask[i, width - len(r) :] = 1
         return Cond(input_ids, mask, tuple(grid)).to(self.device)
 
-    def null_condition(self, n: int, grid: tuple[int, int]) -> Cond:
-        return self.encode_conditions([""] * n, grid)
+    def null_condition(self, n: int, grid: tuple[int, int] | None = None) -> Cond:
+        return self.encode_conditions([None] * n, grid)
 
-    def prompt_length(self, prompt: str) -> int:
-        return len(self.tokenizer.encode(prompt, add_special_tokens=False))
+    def condition_length(self, raw: str | None) -> int:
+        return len(self.tokenizer.encode(raw, add_special_tokens=False)) if raw else 0
+
+    # -- what the trainer needs to know ---------------------------------------------------
+    def external_parameters(self) -> list[nn.Parameter]:
+        # the visual-slice head reads lm_head.weight without calling lm_head's forward
+        return [self.hf.lm_head.weight]
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     # -- scoring ------------------------------------------------------------------------
     def scoring_inputs(self, cond: Cond, codes: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -243,7 +187,7 @@ class Emu3Adapter:
         sched = self.schedule(cond.grid)[:-1]
         unc = self.null_condition(len(cond), cond.grid) if guidance != 0.0 else None
         out = decode(
-            _KVBackend(self.module, max_new_tokens=len(sched)),
+            KVBackend(self.module, max_new_tokens=len(sched)),
             cond.input_ids,
             cond.attention_mask,
             sched,
@@ -309,65 +253,3 @@ def load_emu3(path, *, device="cpu", dtype=torch.float32, max_prompt_tokens: int
     return Emu3Adapter(hf, tok, max_prompt_tokens=limit)
 
 
-# -- a tiny random-init Emu3, built offline (tests and the demo) ------------------------
-_BASE_CORPUS = [
-    "a handwritten digit zero one two three four five six seven eight nine",
-    "a photo of a cat on a mat", "an image of", "0 1 2 3 4 5 6 7 8 9 * 10 11 12 16 28 32 64 90",
-]
-
-
-def build_tiny_emu3(
-    out_dir,
-    *,
-    codebook_size: int,
-    hidden_size: int = 64,
-    num_layers: int = 2,
-    num_heads: int = 4,
-    num_kv_heads: int | None = None,
-    intermediate_size: int | None = None,
-    max_prompt_tokens: int = 32,
-    prompts: Sequence[str] = (),
-    bpe_vocab_size: int = 400,
-    max_positions: int = 4096,
-    seed: int = 0,
-) -> Path:
-    """Build, save (save_pretrained) and return the path of a random-init Emu3 with a byte-level
-    BPE trained on `prompts`, Emu3's special tokens and `codebook_size` visual tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import Emu3Config, Emu3ForConditionalGeneration, Emu3TextConfig, Emu3VQVAEConfig
-    from transformers import PreTrainedTokenizerFast
-
-    out_dir = Path(out_dir)
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=bpe_vocab_size, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    bpe.train_from_iterator(list(_BASE_CORPUS) + list(prompts), trainer=trainer)
-    bpe.add_special_tokens([visual_token(k) for k in range(codebook_size)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=BOS, eos_token=EOS, pad_token=PAD)
-    vocab = tok.get_vocab()
-
-    torch.manual_seed(seed)
-    text = Emu3TextConfig(
-        vocab_size=len(vocab),
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size or 4 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads or num_heads,
-        max_position_embeddings=max_positions,
-        pad_token_id=vocab[PAD],
-        bos_token_id=vocab[BOS],
-        eos_token_id=vocab[EOS],
-        attention_dropout=0.0,
-    )
-    vq = Emu3VQVAEConfig(
-        codebook_size=codebook_size, base_channels=32, channel_multiplier=[1, 1, 1, 1],
-        num_res_blocks=1, attn_resolutions=[], hidden_size=32, embed_dim=4, latent_channels=4,
-    )
-    hf = Emu3ForConditionalGeneration(Emu3Config(text_config=text, vq_config=vq, vocabulary_map=vocab))
-    adapter = Emu3Adapter(hf, tok, max_prompt_tokens=max_prompt_tokens)
-    adapter.save(out_dir)
-    return out_dir

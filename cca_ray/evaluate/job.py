@@ -16,19 +16,19 @@ from pathlib import Path
 import numpy as np
 
 from cca_ray.config import Config
-
-TABLE_COLUMNS = ["method", "guidance", "lam", "beta", "fid", "isc_mean", "kid_mean", "precision", "recall", "accuracy", "n"]
-
+from cca_ray.evaluate.report import format_table
+from cca_ray.models import condition_kind, is_checkpoint
 
 @dataclass
 class EvalSetup:
-    """Everything scoring needs, built once per run: extractor, cached reference, prompts."""
+    """Everything scoring needs, built once per run: extractor, cached reference, class conditions."""
 
     cfg: Config
     extractor: object
     reference: object
     label_to_prompt: dict[int, str]
     tokenizer_dir: Path
+    condition_kind: str = "prompt"  # what the model family is conditioned on: prompts or class ids
 
 
 def real_split(cfg: Config, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -58,14 +58,14 @@ def label_prompts(cfg: Config) -> dict[int, str]:
 
 
 def eval_setup(cfg: Config, progress: bool = True) -> EvalSetup:
-    from cca_ray.metrics.extractors import extractor_from_config
-    from cca_ray.metrics.fidelity import prepare_reference
+    from cca_ray.evaluate.extractors import extractor_from_config
+    from cca_ray.evaluate.fidelity import prepare_reference
 
     train_x, train_y = real_split(cfg, "train")
     ext = extractor_from_config(cfg, train_x, train_y, progress=progress)
     hold_x, _ = real_split(cfg, "holdout")
     ref = prepare_reference(hold_x, ext, dataset=f"{cfg.data.source}-holdout")
-    return EvalSetup(cfg, ext, ref, label_prompts(cfg), cfg.data_dir / "tokenizer")
+    return EvalSetup(cfg, ext, ref, label_prompts(cfg), cfg.data_dir / "tokenizer", condition_kind(cfg.model.family))
 
 
 def evaluate_model(
@@ -75,20 +75,20 @@ def evaluate_model(
 
     Returns (metrics dict with fid, isc_mean, kid_mean, precision, recall, accuracy, n, ...; images).
     """
-    from cca_ray.metrics.fidelity import ALL_METRICS, compute_metrics
-    from cca_ray.sampling_jobs import balanced_prompts, sample_local, sample_parallel
+    from cca_ray.evaluate.fidelity import ALL_METRICS, compute_metrics
+    from cca_ray.evaluate.sampling import balanced_conditions, sample_local, sample_parallel
 
     cfg = setup.cfg
     n = n or cfg.eval.num_samples
-    prompts, labels = balanced_prompts(setup.label_to_prompt, n)
+    conds, labels = balanced_conditions(setup.label_to_prompt, n, setup.condition_kind)
     kw = dict(guidance=guidance, temperature=cfg.sample.temperature, top_k=cfg.sample.top_k, top_p=cfg.sample.top_p,
               seed=cfg.eval.seed, batch_size=cfg.sample.batch_size)
     if model is not None:
         from cca_ray.tokenizers import load_tokenizer
 
-        images = sample_local(model, load_tokenizer(setup.tokenizer_dir), prompts, **kw)
+        images = sample_local(model, load_tokenizer(setup.tokenizer_dir), conds, **kw)
     else:
-        images = sample_parallel(model_path, setup.tokenizer_dir, prompts, workers=cfg.eval.workers, **kw)
+        images = sample_parallel(model_path, setup.tokenizer_dir, conds, workers=cfg.eval.workers, **kw)
     out = compute_metrics(
         images, setup.reference, setup.extractor, kid_subset_size=cfg.eval.kid_subset_size,
         prc_neighborhood=cfg.eval.prc_neighborhood, metrics=tuple(metrics or ALL_METRICS), labels=labels,
@@ -108,20 +108,6 @@ def cfg_curve(setup: EvalSetup, model_path, scales, n: int | None = None, log=pr
     return rows
 
 
-def format_table(rows: list[dict]) -> str:
-    """Markdown table of result rows (missing values shown as '-')."""
-
-    def cell(v):
-        if v is None:
-            return "-"
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-    head = "| " + " | ".join(TABLE_COLUMNS) + " |"
-    sep = "|" + "|".join("---" for _ in TABLE_COLUMNS) + "|"
-    body = ["| " + " | ".join(cell(r.get(c)) for c in TABLE_COLUMNS) + " |" for r in rows]
-    return "\n".join([head, sep, *body])
-
-
 def main(argv=None) -> None:
     from cca_ray import tracking
     from cca_ray.cli import parse_stage_args
@@ -135,7 +121,7 @@ def main(argv=None) -> None:
     from cca_ray.raycluster import ensure_ray
 
     model_path = Path(args.checkpoint or cfg.base_model_dir)
-    if not (model_path / "config.json").exists():
+    if not is_checkpoint(model_path):
         raise SystemExit(f"cca_ray.evaluate: error: no model at {model_path}; pass --checkpoint or run pretrain first")
     ensure_ray()
     setup = eval_setup(cfg)

@@ -26,12 +26,13 @@ from typing import Any
 
 import torch
 
-from cca_ray import checkpoint as ckpt
+from cca_ray.train import checkpoint as ckpt
 from cca_ray import tracking
 from cca_ray.config import Config, TrainConfig
 from cca_ray.loss import finalize_metrics, objective_loss
 from cca_ray.telemetry import TrainMetrics
-from cca_ray.train_data import (
+from cca_ray.workarounds import skip_deepspeed_shm_build
+from cca_ray.train.batches import (
     REFERENCE_OBJECTIVES,
     BatchPlan,
     TrainRows,
@@ -82,19 +83,12 @@ def lr_factor(step: int, *, warmup: int, total: int, schedule: str) -> float:
 
 
 def quiet_deepspeed(use_gpu: bool) -> None:
-    """Silence DeepSpeed's INFO chatter; on CPU skip its shared-memory all-reduce op.
-
-    The shm op serves only `inference_all_reduce` (tensor-parallel inference), yet DeepSpeed
-    JIT-compiles it (~2 min) the first time a comm backend is created. Marking it incompatible
-    in DeepSpeed's own op-compatibility table is the one switch that skips the build; training
-    collectives go through torch.distributed (gloo) either way.
-    """
-    import deepspeed
+    """Silence DeepSpeed's INFO chatter; on CPU skip its shared-memory op build (cca_ray.workarounds)."""
     from deepspeed.utils import logger as ds_logger
 
     ds_logger.setLevel(logging.WARNING)
     if not use_gpu:
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        skip_deepspeed_shm_build()
 
 
 def local_process_group(port: int | None = None, backend: str = "gloo") -> None:
@@ -185,10 +179,11 @@ class Trainer:
         self.adapter = self._load()
         module = self.adapter.module
         if self.cfg.model.gradient_checkpointing:
-            self.adapter.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        ckpt.freeze_untrained(module)
-        if tc.zero_stage == 3:  # the visual-slice head reads lm_head.weight without calling lm_head
-            deepspeed.zero.register_external_parameter(module, self.adapter.hf.lm_head.weight)
+            self.adapter.enable_gradient_checkpointing()
+        ckpt.freeze_untrained(module, self.adapter.frozen_prefixes)
+        if tc.zero_stage == 3:  # e.g. Emu3's visual-slice head reads lm_head.weight without calling lm_head
+            for p in self.adapter.external_parameters():
+                deepspeed.zero.register_external_parameter(module, p)
         params = [p for p in module.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=tc.lr, betas=tuple(tc.adam_betas), weight_decay=tc.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(
@@ -200,7 +195,8 @@ class Trainer:
             ref = self._load()
             ref.module.requires_grad_(False)
             if tc.zero_stage == 3:
-                deepspeed.zero.register_external_parameter(ref.module, ref.hf.lm_head.weight)
+                for p in ref.external_parameters():
+                    deepspeed.zero.register_external_parameter(ref.module, p)
             self.ref_engine = deepspeed.initialize(model=ref.module, config=reference_config(tc, self.world_size))[0]
             self.ref_engine.eval()
         if resume_dir is not None:
@@ -212,9 +208,8 @@ class Trainer:
     # -- one optimizer step ----------------------------------------------------------------
     def micro_batch_loss(self, mb) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
         """Forward one micro-batch: (loss, metric sums, image tokens scored by the policy)."""
-        h, w = mb.codes.shape[1:]
-        paired = mb.neg_prompts is not None
-        cond = self.adapter.encode_conditions(mb.pos_prompts + (mb.neg_prompts or []), (h, w))
+        paired = mb.neg_conds is not None
+        cond = self.adapter.encode_conditions(mb.pos_conds + (mb.neg_conds or []), self.data.grid)
         codes = torch.cat([mb.codes, mb.codes]) if paired else mb.codes
         logp = self.adapter.sequence_logprob(cond, codes, module=self.engine)
         m = mb.num_images
@@ -228,8 +223,8 @@ class Trainer:
             logps.update(ref_logp_pos=mb.ref_logp_pos.to(logp.device), ref_logp_neg=mb.ref_logp_neg.to(logp.device))
         tc = self.tc
         loss, metrics = objective_loss(tc.objective, logps, beta=tc.beta, lam=tc.lam,
-                                       lam_unlearning=tc.lam_unlearning, num_tokens=h * w)
-        return loss, metrics, codes.shape[0] * h * w
+                                       lam_unlearning=tc.lam_unlearning, num_tokens=self.data.num_codes)
+        return loss, metrics, codes.shape[0] * self.data.num_codes
 
     def step_once(self, window: _Window | None = None) -> None:
         """Optimizer step `self.step` (0-based): grad_accum micro-steps over this rank's rows."""

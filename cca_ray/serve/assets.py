@@ -17,18 +17,20 @@ from pathlib import Path
 import numpy as np
 
 from cca_ray.config import Config
-from cca_ray.serve_api import SamplingKey, image_grid
+from cca_ray.serve.api import SamplingKey
+from cca_ray.tracking import image_grid
+from cca_ray.models import is_checkpoint
 
 log = logging.getLogger("cca_ray.serve")
 
 MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
-SIDECAR = "cca_ray.json"  # written next to every model checkpoint (cca_ray.models.emu3)
+SIDECAR = "cca_ray.json"  # written next to every model checkpoint (cca_ray.models.emu3.adapter)
 
 
 # -- where the model, tokenizer and class prompts come from -------------------------------------
 def find_model_dir(root: Path) -> Path:
     """root itself if it is a checkpoint dir, else the shallowest dir below it holding one."""
-    if (root / "config.json").exists():
+    if is_checkpoint(root):
         return root
     for name in (SIDECAR, "config.json"):
         found = sorted((p for p in root.rglob(name) if not _hidden(p, root)), key=lambda p: len(p.parts))
@@ -79,7 +81,7 @@ def default_checkpoint(cfg: Config) -> Path:
     exports = [p for p in cfg.checkpoint_dir.rglob(SIDECAR) if not _hidden(p, cfg.checkpoint_dir)]
     if exports:
         return max(exports, key=lambda p: p.stat().st_mtime).parent
-    if (cfg.base_model_dir / "config.json").exists():
+    if is_checkpoint(cfg.base_model_dir):
         return cfg.base_model_dir
     raise FileNotFoundError(
         f"no model to serve: no export under {cfg.checkpoint_dir} and no base model at {cfg.base_model_dir}; "
@@ -146,7 +148,7 @@ class MlflowImageLog:
         exp = self.client.get_experiment_by_name(cfg.experiment)
         exp_id = exp.experiment_id if exp else self._create_experiment(cfg.experiment)
         run = self.client.create_run(exp_id, run_name=f"serve-{model_name}", tags={
-            "cca_ray.stage": "serve", "cca_ray.run_type": "evaluation", "cca_ray.checkpoint": checkpoint,
+            "cca_ray.stage": "serve", "cca_ray.run_type": "evaluation", "cca_ray.train.checkpoint": checkpoint,
             "cca_ray.model_name": model_name})
         self.run_id = run.info.run_id
         self.batches = 0

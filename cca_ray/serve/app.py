@@ -8,7 +8,7 @@ Listens on http://127.0.0.1:8000 by default (serve.host / serve.port). The API i
 **unauthenticated**: binding to anything but loopback (serve.host=0.0.0.0) exposes it to
 everyone who can reach the port, so only do that behind something that authenticates.
 
-Routes: POST /v1/images/generations (see cca_ray.serve_api for the contract),
+Routes: POST /v1/images/generations (see cca_ray.serve.api for the contract),
 GET /v1/models, GET /healthz. Concurrent requests with equal sampling settings share one
 batched KV-cache decode (@serve.batch); guidance-free requests (guidance_scale=0, the
 point of CCA) run one forward per token, CFG requests two rows per image.
@@ -32,7 +32,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from cca_ray.config import Config
-from cca_ray.serve_api import (
+from cca_ray.serve.api import (
     APIError,
     SamplingKey,
     ServeLimits,
@@ -41,7 +41,7 @@ from cca_ray.serve_api import (
     png_b64,
     validate_request,
 )
-from cca_ray.serve_assets import (
+from cca_ray.serve.assets import (
     MLFLOW_SCHEMES,
     MlflowImageLog,
     default_checkpoint,
@@ -58,7 +58,8 @@ APP_NAME = "cca-ray"
 # -- the deployment -------------------------------------------------------------------------------
 @dataclass
 class _Job:
-    cond_prompt: str
+    cond_prompt: str  # the condition as text (the response's revised_prompt)
+    cond: str | int | None  # the raw condition the model takes
     seeds: list[int]
     key: SamplingKey
     enqueued: float = field(default_factory=time.perf_counter)
@@ -108,8 +109,8 @@ class ImageGenerator:
         self.name = s.model_name or (checkpoint if checkpoint.startswith(MLFLOW_SCHEMES) else model_dir.name)
         self.limits = ServeLimits(
             model_name=self.name, image_size=(int(hw[1]), int(hw[0])), grid=grid, max_n=s.max_n,
-            max_prompt_tokens=int(self.model.max_prompt_tokens), prompt_length=self.model.prompt_length,
-            label_prompts=load_label_prompts(cfg), guidance_scale=cfg.sample.guidance_scale,
+            max_prompt_tokens=int(self.model.max_prompt_tokens), prompt_length=self.model.condition_length,
+            label_prompts=load_label_prompts(cfg), condition_kind=self.model.condition_kind, guidance_scale=cfg.sample.guidance_scale,
             temperature=cfg.sample.temperature, top_k=cfg.sample.top_k, top_p=cfg.sample.top_p)
         self.created = int(time.time())
         self.metrics = ServeMetrics("ImageGenerator")
@@ -142,7 +143,7 @@ class ImageGenerator:
         t0 = time.perf_counter()
         try:
             spec = validate_request(await request.body(), self.limits)
-            job = _Job(spec.cond_prompt, spec.seeds or self.make_seeds(None, spec.n), spec.key)
+            job = _Job(spec.cond_prompt, spec.cond, spec.seeds or self.make_seeds(None, spec.n), spec.key)
             self._queued(+1)
             try:
                 items = await asyncio.wait_for(self.generate_batch(job), timeout=self.cfg.serve.request_timeout_s)
@@ -194,8 +195,9 @@ class ImageGenerator:
         """One batched decode of every image of `jobs` (all share `key`) -> per-job response items."""
         t_start = time.perf_counter()
         prompts = [j.cond_prompt for j in jobs for _ in range(j.n)]
+        conds = [j.cond for j in jobs for _ in range(j.n)]
         seeds = [s for j in jobs for s in j.seeds]
-        cond = self.model.encode_conditions(prompts, grid=key.grid)
+        cond = self.model.encode_conditions(conds, grid=key.grid)
         codes = self.model.generate(cond, guidance=key.guidance_scale, temperature=key.temperature,
                                     top_k=key.top_k, top_p=key.top_p, seed=seeds)
         t_sampled = time.perf_counter()

@@ -11,7 +11,7 @@ float32 nats summed over the image tokens:
 
 so the columns serve every objective: cca/dpo read pos/neg as they are; cca_cfg takes
 ref_logp_null wherever a row's pos_null/neg_null flag replaced that condition by ""
-(`cca_ray.train_data.make_micro_batch`). Costs one extra forward per pair over scoring pos/neg only.
+(`cca_ray.train.batches.make_micro_batch`). Costs one extra forward per pair over scoring pos/neg only.
 
 pairs_ref/manifest.json records the reference checkpoint id (`checkpoint_id(path)`), the pairing
 it scored and REFERENCE_VERSION; `verify_reference` is what the trainer calls to refuse columns
@@ -30,6 +30,7 @@ import pyarrow as pa
 from cca_ray.data.fingerprint import checkpoint_id
 from cca_ray.data.schema import DataError
 from cca_ray.data.shards import make_manifest, read_dataset, read_manifest
+from cca_ray.models import is_checkpoint
 
 _ROW_IN_BATCH = re.compile(r"prompt (\d+)")
 # how the ref_logp_* columns are scored; bump when that changes so older pairs_ref dirs read as stale.
@@ -41,19 +42,21 @@ class ReferenceMismatchError(DataError):
     """Precomputed reference log-probs come from another checkpoint, pairing or reference-pass version."""
 
 
-def _conditions(prompts: list, sids: list, column: str) -> list[str]:
-    """The prompts to score (the real ones: null flags do not apply here); DataError naming the row
+def _conditions(values: list, sids: list, column: str) -> list:
+    """The conditions to score (the real ones: null flags do not apply here); DataError naming the row
     if one is missing or blank."""
-    for p, sid in zip(prompts, sids):
-        if p is None or not str(p).strip():
-            raise DataError(f"{sid}: empty {column}; the reference model is conditioned on text prompts")
-    return list(prompts)
+    for v, sid in zip(values, sids):
+        if v is None or not str(v).strip():
+            what = "text prompts" if "prompt" in column else "class labels"
+            raise DataError(f"{sid}: empty {column}; the reference model is conditioned on {what}")
+    return list(values)
 
 
 class ReferenceScorer:
     """Ray Data actor holding the frozen base model; pairs batch -> batch + ref_logp_pos/neg/null."""
 
-    def __init__(self, checkpoint: str, family: str | None, dtype: str, codebook_size: int, grid: tuple[int, int]):
+    def __init__(self, checkpoint: str, family: str | None, dtype: str, codebook_size: int, grid: tuple[int, int],
+                 code_shape: tuple[int, ...] | None = None):
         import torch
 
         from cca_ray.models import load_model
@@ -63,15 +66,17 @@ class ReferenceScorer:
         self.model = load_model(checkpoint, family=family, device=device, dtype=dtype)
         self.model.module.eval()
         self.grid = tuple(grid)
+        self.code_shape = tuple(code_shape or grid)
+        self.column = "prompt" if self.model.condition_kind == "prompt" else "label"
         if self.model.codebook_size < codebook_size:
             raise DataError(f"{checkpoint}: the model has {self.model.codebook_size} visual tokens, "
                             f"the shards were tokenized with a {codebook_size}-code tokenizer")
 
-    def _logp(self, prompts: list[str] | None, codes, sids: list) -> np.ndarray:
-        """log p_phi(codes | prompts) float32 [B]; prompts None = the null condition for every row."""
+    def _logp(self, conds: list | None, codes, sids: list) -> np.ndarray:
+        """log p_phi(codes | conds) float32 [B]; conds None = the null condition for every row."""
         try:
-            cond = (self.model.null_condition(len(sids), self.grid) if prompts is None
-                    else self.model.encode_conditions(prompts, self.grid))
+            cond = (self.model.null_condition(len(sids), self.grid) if conds is None
+                    else self.model.encode_conditions(conds, self.grid))
         except ValueError as e:  # the adapter names the row within the batch; name the image
             m = _ROW_IN_BATCH.search(str(e))
             where = sids[int(m.group(1))] if m else f"batch starting at {sids[0]}"
@@ -83,9 +88,10 @@ class ReferenceScorer:
         torch = self.torch
         sids = t.column("source_id").to_pylist()
         flat = t.column("codes").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        codes = torch.from_numpy(flat.astype(np.int64).reshape(len(t), *self.grid)).to(self.model.device)
-        conds = {"ref_logp_pos": _conditions(t.column("prompt").to_pylist(), sids, "prompt"),
-                 "ref_logp_neg": _conditions(t.column("neg_prompt").to_pylist(), sids, "neg_prompt"),
+        codes = torch.from_numpy(flat.astype(np.int64).reshape(len(t), *self.code_shape)).to(self.model.device)
+        col, neg = self.column, f"neg_{self.column}"
+        conds = {"ref_logp_pos": _conditions(t.column(col).to_pylist(), sids, col),
+                 "ref_logp_neg": _conditions(t.column(neg).to_pylist(), sids, neg),
                  "ref_logp_null": None}
         t = t.drop_columns([name for name in conds if name in t.column_names])
         for name, prompts in conds.items():
@@ -108,7 +114,7 @@ def reference_pass(cfg, checkpoint: str | Path | None = None, data_dir: str | Pa
 
     data_dir = Path(data_dir or cfg.data_dir)
     checkpoint = Path(checkpoint or cfg.base_model_dir).expanduser().resolve()
-    if not (checkpoint / "config.json").exists():
+    if not is_checkpoint(checkpoint):
         raise DataError(f"{checkpoint}: no model checkpoint (config.json missing) for the reference pass")
     pm = read_manifest(data_dir / "pairs")
     ref_id = checkpoint_id(checkpoint)
@@ -124,7 +130,8 @@ def reference_pass(cfg, checkpoint: str | Path | None = None, data_dir: str | Pa
     ds = ds.map_batches(
         ReferenceScorer, batch_format="pyarrow", batch_size=d.reference_batch_size,
         fn_constructor_kwargs=dict(checkpoint=str(checkpoint), family=cfg.model.family, dtype=cfg.model.dtype,
-                                   codebook_size=int(pm["codebook_size"]), grid=tuple(pm["grid"])),
+                                   codebook_size=int(pm["codebook_size"]), grid=tuple(pm["grid"]),
+                                   code_shape=(pm.get("tokenizer") or {}).get("code_shape")),
         compute=ActorPoolStrategy(size=d.reference_workers), num_gpus=d.reference_num_gpus or None,
     )
     reference = {"checkpoint_id": ref_id, "path": str(checkpoint), "family": cfg.model.family,

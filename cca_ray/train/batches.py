@@ -36,18 +36,20 @@ class TrainDataError(DataError):
 
 @dataclass
 class TrainRows:
-    """A dataset's rows, in memory. N rows, grid (h, w).
+    """A dataset's rows, in memory. N rows; codes of shape code_shape per row.
 
-    codes int32 [N, h, w]; prompt: N strings; for pairs: neg_prompt (N strings), pos_null and
-    neg_null (bool [N]); for pairs_ref also the reference log-probs (float32 [N], nats):
-    ref_logp_pos = log p_phi(x | prompt), ref_logp_neg = log p_phi(x | neg_prompt) (the real
-    prompts, whatever the null flags say) and ref_logp_null = log p_phi(x | ""). cca_cfg takes
-    ref_logp_null where a flag replaced a condition by "" (make_micro_batch); cca and dpo ignore the flags.
+    codes int32 [N, *code_shape] ((h, w) for raster families, VAR's (680,) flat scales);
+    cond: N raw conditions of the model family's kind (prompts for text families, class ids
+    for class families); for pairs: neg_cond (N), pos_null and neg_null (bool [N]); for
+    pairs_ref also the reference log-probs (float32 [N], nats): ref_logp_pos = log p_phi(x | c),
+    ref_logp_neg = log p_phi(x | c_neg) (the real conditions, whatever the null flags say) and
+    ref_logp_null = log p_phi(x | null). cca_cfg takes ref_logp_null where a flag replaced a
+    condition by null (make_micro_batch); cca and dpo ignore the flags.
     """
 
     codes: np.ndarray
-    prompt: list[str]
-    neg_prompt: list[str] | None = None
+    cond: list
+    neg_cond: list | None = None
     pos_null: np.ndarray | None = None
     neg_null: np.ndarray | None = None
     ref_logp_pos: np.ndarray | None = None
@@ -61,7 +63,13 @@ class TrainRows:
 
     @property
     def grid(self) -> tuple[int, int]:
-        return int(self.codes.shape[1]), int(self.codes.shape[2])
+        """The image's code grid (h, w) (VAR: its last scale), which text families name in their prefix."""
+        return tuple(int(g) for g in self.manifest["grid"]) if self.manifest else tuple(self.codes.shape[1:3])
+
+    @property
+    def num_codes(self) -> int:
+        """Image tokens per row: what log p sums over."""
+        return int(np.prod(self.codes.shape[1:]))
 
 
 def dataset_for(objective: str, reference: str) -> str:
@@ -73,18 +81,26 @@ def dataset_for(objective: str, reference: str) -> str:
     return "pairs_ref" if reference == "precomputed" else "pairs"
 
 
-def read_rows(dataset_dir: str | Path, *, pairs: bool, reference: bool) -> TrainRows:
+def code_shape(manifest: dict) -> tuple[int, ...]:
+    """The shape of one row's codes: the tokenizer's code_shape (VAR: [680]), else its grid."""
+    tok = manifest.get("tokenizer") or {}
+    return tuple(int(x) for x in (tok.get("code_shape") or manifest["grid"]))
+
+
+def read_rows(dataset_dir: str | Path, *, pairs: bool, reference: bool, condition_kind: str = "prompt") -> TrainRows:
     """Read a dataset dir's shards into TrainRows.
 
     `cca_ray.data.read_dataset` does the reading and the checks that name file and row (manifest,
-    shards, columns of the dataset's schema, every row's grid and code range against the
-    tokenizer, row count); this adds what training needs on top: the columns of `pairs`/`reference`,
-    a prompt on every row, finite reference log-probs (TrainDataError naming the row and source_id).
+    shards, columns of the dataset's schema, every row's codes against the tokenizer, row count);
+    this adds what training needs on top: the columns of `pairs`/`reference`, a condition of the
+    model's kind on every row (condition_kind "prompt": the prompt column, "label": the label
+    column), finite reference log-probs (TrainDataError naming the row and source_id).
     """
     dataset_dir = Path(dataset_dir)
     manifest = read_manifest(dataset_dir)
-    cols = ["codes", "prompt", "source_id"]
-    cols += ["neg_prompt", "pos_null", "neg_null"] if pairs else []
+    column = {"prompt": "prompt", "label": "label"}[condition_kind]
+    cols = ["codes", column, "source_id"]
+    cols += [f"neg_{column}", "pos_null", "neg_null"] if pairs else []
     cols += ["ref_logp_pos", "ref_logp_neg", "ref_logp_null"] if reference else []
     t = read_dataset(dataset_dir)
     missing = [c for c in cols if c not in t.column_names]
@@ -94,15 +110,15 @@ def read_rows(dataset_dir: str | Path, *, pairs: bool, reference: bool) -> Train
     t = t.select(cols)
     if len(t) == 0:
         raise TrainDataError(f"{dataset_dir}: no rows")
-    gh, gw = (int(g) for g in manifest["grid"])  # read_dataset checked every row against it
     sids = t.column("source_id").to_pylist()
 
-    def strings(name: str) -> list[str]:
+    def conditions(name: str) -> list:
         vals = t.column(name).to_pylist()
         for i, v in enumerate(vals):
             if v is None:
-                raise TrainDataError(f"{dataset_dir}: row {i} ({sids[i]}) has no {name}; "
-                                     "the Emu3 family is conditioned on text prompts")
+                what = "text prompts" if condition_kind == "prompt" else "class labels"
+                raise TrainDataError(f"{dataset_dir}: row {i} ({sids[i]}) has no {name}; this model family is "
+                                     f"conditioned on {what}")
         return vals
 
     def floats(name: str) -> np.ndarray:
@@ -117,9 +133,9 @@ def read_rows(dataset_dir: str | Path, *, pairs: bool, reference: bool) -> Train
 
     flat = t.column("codes").combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(np.int32)
     return TrainRows(
-        codes=flat.reshape(len(t), gh, gw),
-        prompt=strings("prompt"),
-        neg_prompt=strings("neg_prompt") if pairs else None,
+        codes=flat.reshape(len(t), *code_shape(manifest)),
+        cond=conditions(column),
+        neg_cond=conditions(f"neg_{column}") if pairs else None,
         pos_null=flags("pos_null") if pairs else None,
         neg_null=flags("neg_null") if pairs else None,
         ref_logp_pos=floats("ref_logp_pos") if reference else None,
@@ -185,13 +201,13 @@ def total_steps(plan: BatchPlan, epochs: int, max_steps: int | None) -> int:
 class MicroBatch:
     """One rank's micro-batch, ready to encode. M rows.
 
-    codes LongTensor[M, h, w]; pos_prompts / neg_prompts: M strings each ("" = null condition),
-    neg_prompts None for sft; neg_is_null bool [M] (cca_cfg); ref_logp_* float32 [M] when precomputed.
+    codes LongTensor[M, *code_shape]; pos_conds / neg_conds: M raw conditions each (None = the null
+    condition), neg_conds None for sft; neg_is_null bool [M] (cca_cfg); ref_logp_* float32 [M] when precomputed.
     """
 
     codes: torch.Tensor
-    pos_prompts: list[str]
-    neg_prompts: list[str] | None
+    pos_conds: list
+    neg_conds: list | None
     neg_is_null: torch.Tensor | None
     ref_logp_pos: torch.Tensor | None
     ref_logp_neg: torch.Tensor | None
@@ -206,31 +222,31 @@ def make_micro_batch(data: TrainRows, rows: np.ndarray, objective: str, *, cond_
                      dropout_seed: tuple[int, ...] = (0,)) -> MicroBatch:
     """Select `rows` and build their conditions for `objective` (pure; no model).
 
-    sft: each prompt becomes "" with probability cond_dropout, drawn from `dropout_seed` so a
-    repeated step draws the same. cca_cfg: the data's pos_null/neg_null replace a condition by "",
-    and a null negative is flagged in neg_is_null (it counts as a positive in the loss).
+    sft: each condition becomes None (null) with probability cond_dropout, drawn from `dropout_seed`
+    so a repeated step draws the same. cca_cfg: the data's pos_null/neg_null replace a condition by
+    None, and a null negative is flagged in neg_is_null (it counts as a positive in the loss).
     """
     codes = torch.from_numpy(data.codes[rows]).long()
-    pos = [data.prompt[i] for i in rows]
+    pos = [data.cond[i] for i in rows]
     neg = neg_null = None
     if objective == "sft":
         if cond_dropout > 0:
             drop = np.random.default_rng(list(dropout_seed)).random(len(rows)) < cond_dropout
-            pos = ["" if d else p for p, d in zip(pos, drop)]
+            pos = [None if d else p for p, d in zip(pos, drop)]
     elif objective in PAIRED_OBJECTIVES:
-        if data.neg_prompt is None:
-            raise TrainDataError(f"{data.source}: objective {objective} needs the pairs dataset (neg_prompt column)")
-        neg = [data.neg_prompt[i] for i in rows]
+        if data.neg_cond is None:
+            raise TrainDataError(f"{data.source}: objective {objective} needs the pairs dataset (negative conditions)")
+        neg = [data.neg_cond[i] for i in rows]
         if objective == "cca_cfg":
-            pos = ["" if n else p for p, n in zip(pos, data.pos_null[rows])]
-            neg = ["" if n else p for p, n in zip(neg, data.neg_null[rows])]
+            pos = [None if n else p for p, n in zip(pos, data.pos_null[rows])]
+            neg = [None if n else p for p, n in zip(neg, data.neg_null[rows])]
             neg_null = torch.from_numpy(data.neg_null[rows].copy())
     else:
         raise ValueError(f"unknown objective {objective!r}")
     ref = (None, None)
     if data.ref_logp_pos is not None and neg is not None:
         ref_pos, ref_neg = data.ref_logp_pos[rows], data.ref_logp_neg[rows]
-        if objective == "cca_cfg":  # a condition the flags replaced by "" is scored by p_phi(x | "")
+        if objective == "cca_cfg":  # a condition the flags replaced by null is scored by p_phi(x | null)
             null_pos, null_neg = data.pos_null[rows], data.neg_null[rows]
             if data.ref_logp_null is None and (null_pos.any() or null_neg.any()):
                 raise TrainDataError(f"{data.source}: objective cca_cfg needs the ref_logp_null column for rows "

@@ -1,4 +1,4 @@
-"""Stage `train` (and the engine of `pretrain`): Ray Train workers, each running a cca_ray.trainer.Trainer.
+"""Stage `train` (and the engine of `pretrain`): Ray Train workers, each running a cca_ray.train.recipe.Trainer.
 
     python -m cca_ray.train --preset smoke --workdir DIR            # CCA from DIR/models/base
     python -m cca_ray.pretrain --preset smoke --workdir DIR         # same trainer, objective sft
@@ -25,13 +25,16 @@ from pathlib import Path
 
 import torch
 
-from cca_ray import checkpoint as ckpt
+from cca_ray.train import checkpoint as ckpt
 from cca_ray import tracking
 from cca_ray.config import Config, ConfigError, TrainConfig, dump_config, flat_params
+from cca_ray.models import condition_kind
 from cca_ray.data.shards import read_manifest
 from cca_ray.raycluster import ensure_ray
-from cca_ray.train_data import REFERENCE_OBJECTIVES, TrainDataError, dataset_for, read_rows
-from cca_ray.trainer import Trainer
+from cca_ray.train.batches import REFERENCE_OBJECTIVES, TrainDataError, dataset_for, read_rows
+from cca_ray.train.recipe import Trainer
+from cca_ray.workarounds import quiet_ray_train_reports
+from cca_ray.models import is_checkpoint
 
 log = logging.getLogger("cca_ray.train")
 
@@ -57,16 +60,6 @@ def _ray_report(metrics: dict, ckpt_dir: str | None) -> None:
                          checkpoint_dir_name=f"checkpoint_{int(metrics['step']):06d}")
 
 
-def quiet_ray_train_reports() -> None:
-    """Ray Train logs every ray.train.report call in full, once per rank: that drowned our own
-    per-step lines (which carry the same metrics). Its logger is named after its file."""
-    try:
-        from ray.train.v2._internal.execution import context
-    except ImportError:  # another Ray layout: keep its logging as it is
-        return
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
-
-
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
 
@@ -78,7 +71,8 @@ def train_loop_per_worker(config: dict) -> None:
         torch.set_num_threads(max(1, int(tc.cpus_per_worker)))
     ctx = ray.train.get_context()
     data = read_rows(config["data_dir"], pairs=tc.objective != "sft",
-                     reference=tc.objective in REFERENCE_OBJECTIVES and tc.reference == "precomputed")
+                     reference=tc.objective in REFERENCE_OBJECTIVES and tc.reference == "precomputed",
+                     condition_kind=condition_kind(cfg.model.family))
     trainer = Trainer(cfg, section, model_dir=config["model_dir"], data=data, rank=ctx.get_world_rank(),
                       world_size=ctx.get_world_size(), run_dir=config["run_dir"], mlflow=config["mlflow"],
                       report=_ray_report, extra_report_fn=config.get("extra_report_fn"),
@@ -123,13 +117,13 @@ def run_training(cfg: Config, section: str = "train", *, run_name: str | None = 
 
     tc: TrainConfig = getattr(cfg, section)
     model_dir = Path(model_dir or cfg.base_model_dir).resolve()
-    if not (model_dir / "config.json").exists():
+    if not is_checkpoint(model_dir):
         raise ConfigError(f"no model checkpoint at {model_dir}; run `python -m cca_ray.pretrain` first "
                           "or set model.path to a local checkpoint")
     data_dir = cfg.data_dir / dataset_for(tc.objective, tc.reference)
     read_manifest(data_dir)  # fail here, not in every worker, if the dataset is missing
     if tc.objective in REFERENCE_OBJECTIVES and tc.reference == "precomputed":
-        from cca_ray.data.reference import verify_reference
+        from cca_ray.train.reference import verify_reference
 
         verify_reference(data_dir, model_dir, pairs_dir=cfg.data_dir / "pairs")
     if run_name is None:
@@ -178,14 +172,14 @@ def run_training(cfg: Config, section: str = "train", *, run_name: str | None = 
 def ensure_inputs(cfg: Config, section: str) -> None:
     """What a stage run needs besides the base model: prepared data and, for a precomputed
     reference, pairs_ref scored by this base model (the reference pass runs when it is missing or stale)."""
-    from cca_ray.data.reference import ReferenceMismatchError, reference_pass, verify_reference
+    from cca_ray.train.reference import ReferenceMismatchError, reference_pass, verify_reference
     from cca_ray.data.schema import DataError
-    from cca_ray.prepare import prepare
+    from cca_ray.data.prepare import prepare
 
     prepare(cfg)  # no-op when data_dir already holds this config's data
     tc = getattr(cfg, section)
     if tc.objective in REFERENCE_OBJECTIVES and tc.reference == "precomputed":
-        if not (cfg.base_model_dir / "config.json").exists():
+        if not is_checkpoint(cfg.base_model_dir):
             return  # run_training names the missing base model
         try:
             verify_reference(cfg.data_dir / "pairs_ref", cfg.base_model_dir, pairs_dir=cfg.data_dir / "pairs")

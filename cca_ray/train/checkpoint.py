@@ -17,13 +17,12 @@ them into the base architecture and writes a `save_pretrained` directory.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from cca_ray.fs import atomic_dir
 
 TAG = "ds"
 STATE_FILE = "trainer_state.json"
@@ -61,61 +60,32 @@ def consolidated_state_dict(ckpt_dir: str | Path, zero_stage: int) -> dict[str, 
     return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=TAG)
 
 
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move a finished directory into place; an older `dst` is only removed after the move succeeded."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        dst.rename(old)
-    src.rename(dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def copy_dir_atomic(src: str | Path, dst: str | Path) -> Path:
-    """Copy a directory so that `dst` is either absent, the old one, or complete."""
-    src, dst = Path(src), Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    shutil.copytree(src, tmp, dirs_exist_ok=True)
-    replace_dir(tmp, dst)
-    return dst
-
-
 def export_model(ckpt_dir: str | Path, model_dir: str | Path, out_dir: str | Path, *, zero_stage: int,
                  dtype: str = "float32") -> Path:
-    """Write a `load_model`-able directory from a sharded checkpoint: the architecture and tokenizer
+    """Write a `load_model`-able directory from a sharded checkpoint: the architecture (and tokenizer)
     come from `model_dir` (the run's starting model), the weights from the checkpoint."""
     from cca_ray.models import DTYPES, load_model
 
-    out_dir = Path(out_dir)
     adapter = load_model(model_dir, device="cpu", dtype=torch.float32)
     state = consolidated_state_dict(ckpt_dir, zero_stage)
     result = adapter.module.load_state_dict(state, strict=False)
-    trainable = {n for n, p in adapter.module.named_parameters() if not n.startswith(FROZEN_PREFIXES)}
+    trainable = {n for n, _ in adapter.module.named_parameters() if not n.startswith(adapter.frozen_prefixes)}
     missing = sorted(set(result.missing_keys) & trainable)
     if missing or result.unexpected_keys:
         raise RuntimeError(f"{ckpt_dir}: checkpoint does not match {model_dir}: missing {missing[:5]}, "
                            f"unexpected {result.unexpected_keys[:5]}")
-    adapter.hf.to(DTYPES[dtype])
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    adapter.save(tmp)
-    (tmp / "cca_ray_source.json").write_text(json.dumps({"checkpoint": str(ckpt_dir), "base": str(model_dir)}))
-    replace_dir(tmp, out_dir)
-    return out_dir
+    adapter.module.to(DTYPES[dtype])
+    with atomic_dir(out_dir) as tmp:
+        adapter.save(tmp)
+        (tmp / "cca_ray_source.json").write_text(json.dumps({"checkpoint": str(ckpt_dir), "base": str(model_dir)}))
+    return Path(out_dir)
 
 
-# Parameters the trainer never updates: the Emu3 VQ-VAE (images are already tokenized).
-FROZEN_PREFIXES = ("hf.model.vqmodel.",)
-
-
-def freeze_untrained(module: torch.nn.Module) -> int:
-    """requires_grad=False on FROZEN_PREFIXES; returns the number of trainable parameters left."""
+def freeze_untrained(module: torch.nn.Module, frozen_prefixes: tuple[str, ...]) -> int:
+    """requires_grad=False on the family's frozen_prefixes; returns the number of trainable parameters left."""
     n = 0
     for name, p in module.named_parameters():
-        if name.startswith(FROZEN_PREFIXES):
+        if name.startswith(frozen_prefixes):
             p.requires_grad_(False)
         elif p.requires_grad:
             n += p.numel()

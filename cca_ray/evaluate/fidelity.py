@@ -22,7 +22,7 @@ import torch
 import torch_fidelity
 from torch.utils.data import Dataset
 
-from cca_ray.metrics.extractors import (
+from cca_ray.evaluate.extractors import (
     Extractor,
     MnistCNN,
     as_uint8_images,

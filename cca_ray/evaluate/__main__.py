@@ -1,0 +1,3 @@
+from cca_ray.evaluate.job import main
+
+main()

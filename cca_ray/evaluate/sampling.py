@@ -1,0 +1,97 @@
+"""Drawing evaluation images: class-balanced condition lists, fixed seeds, locally or over Ray.
+
+Kept apart from metric computation (fidelity.py): sampling writes images, metrics read them.
+Seeds are per image (``seed + i`` for the i-th condition of the list), so a set of samples is
+the same whether it was drawn by one worker or eight, in batches of 16 or of 100. Conditions are
+raw (cca_ray.models.base): the class's prompt for text families, the class id for class families.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+
+def balanced_conditions(label_to_prompt: dict[int, str], n: int, condition_kind: str = "prompt",
+                        first: int = 0) -> tuple[list, np.ndarray]:
+    """n conditions cycling through the classes in label order, starting at image `first`:
+    (raw conditions: the class prompts, or the class ids for condition_kind "label"; labels int64[n])."""
+    if not label_to_prompt:
+        raise ValueError("balanced_conditions: no classes (the dataset has no labels)")
+    labels = sorted(label_to_prompt)
+    lab = np.array([labels[(first + i) % len(labels)] for i in range(n)], dtype=np.int64)
+    conds = [label_to_prompt[int(c)] for c in lab] if condition_kind == "prompt" else [int(c) for c in lab]
+    return conds, lab
+
+
+@torch.no_grad()
+def sample_local(
+    model,
+    tokenizer,
+    conds: Sequence,
+    *,
+    guidance: float = 0.0,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    first_index: int = 0,
+    progress: bool = False,
+) -> np.ndarray:
+    """Sample one image per raw condition with an in-process model: uint8 [N, H, W, C].
+
+    Image i uses seed ``seed + first_index + i``.
+    """
+    grid = tuple(tokenizer.grid)
+    out = []
+    steps = range(0, len(conds), batch_size)
+    for s in tqdm(steps, desc=f"sampling (guidance {guidance:g})", disable=not progress, leave=False):
+        chunk = list(conds[s : s + batch_size])
+        cond = model.encode_conditions(chunk, grid)
+        seeds = [seed + first_index + s + i for i in range(len(chunk))]
+        codes = model.generate(cond, guidance=guidance, temperature=temperature, top_k=top_k, top_p=top_p, seed=seeds)
+        out.append(tokenizer.decode(codes.cpu().numpy().astype(np.int32)))
+    return np.concatenate(out) if out else np.zeros((0, tokenizer.image_size, tokenizer.image_size, tokenizer.channels), np.uint8)
+
+
+def _sample_chunk(model_path: str, tokenizer_dir: str, conds: list, first_index: int, kw: dict) -> np.ndarray:
+    from cca_ray.models import load_model
+    from cca_ray.tokenizers import load_tokenizer
+
+    model = load_model(model_path)
+    model.module.eval()
+    return sample_local(model, load_tokenizer(tokenizer_dir), conds, first_index=first_index, **kw)
+
+
+def sample_parallel(
+    model_path: str | Path,
+    tokenizer_dir: str | Path,
+    conds: Sequence,
+    *,
+    workers: int = 2,
+    cpus_per_worker: float = 1.0,
+    **kw,
+) -> np.ndarray:
+    """Split the condition list over `workers` Ray tasks; same images as sample_local for the same seed."""
+    import ray
+
+    if workers <= 1 or len(conds) < 2:
+        return _sample_chunk(str(model_path), str(tokenizer_dir), list(conds), 0, kw)
+    task = ray.remote(num_cpus=cpus_per_worker)(_sample_chunk)
+    bounds = np.linspace(0, len(conds), workers + 1).astype(int)
+    refs = [
+        task.remote(str(model_path), str(tokenizer_dir), list(conds[a:b]), int(a), kw)
+        for a, b in zip(bounds[:-1], bounds[1:])
+        if b > a
+    ]
+    parts = []
+    with tqdm(total=len(refs), desc="sampling workers", leave=False) as bar:
+        for r in refs:  # in order: the images line up with the conditions
+            parts.append(ray.get(r))
+            bar.update(1)
+    return np.concatenate(parts)

@@ -1,0 +1,3 @@
+from cca_ray.serve.app import main
+
+main()

@@ -1,0 +1,3 @@
+from cca_ray.train.driver import main
+
+main()

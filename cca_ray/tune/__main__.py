@@ -1,0 +1,3 @@
+from cca_ray.tune.job import main
+
+main()

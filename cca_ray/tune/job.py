@@ -1,0 +1,155 @@
+"""The main job: CFG baseline, ASHA sweep over λ/β (CCA), baselines, trade-off curves in MLflow.
+
+    python -m cca_ray.tune                        # the embedded demo, end to end
+    python -m cca_ray.tune --preset smoke         # a couple of minutes
+    ray job submit --working-dir . -- python -m cca_ray.tune --preset emu3-gen-a100 --workdir /mnt/shared/cca_work
+
+Steps (each skipped when its output already exists, so an interrupted job picks up where it stopped):
+  1. prepare data and pretrain the base model if missing;
+  2. CFG baseline: the base model over eval.cfg_scales (n = eval.num_samples);
+  3. ASHA over the tune space (cca_ray/tune_spaces/<preset>.yaml): each trial is a Ray Train CCA run
+     (Train inside a Tune trial, named after the trial so it resumes) that reports the FID proxy
+     (n = eval.proxy_num_samples, guidance-free) every tune.report_every steps;
+  4. every finished trial and the DPO / unlearning baselines (same budget) evaluated guidance-free at n;
+  5. results table (markdown + CSV), trade-off plot, best model registered in the MLflow registry.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import yaml
+
+from cca_ray import tracking
+from cca_ray.config import Config, ConfigError, with_overrides
+from cca_ray.evaluate.job import cfg_curve, eval_setup, evaluate_model
+from cca_ray.evaluate.report import format_table, to_csv, trade_off_plot
+from cca_ray.tune.sweep import finished_export, load_space, run_asha
+
+# -- reporting --------------------------------------------------------------------------
+def log_samples(cfg: Config, run_id: str, images, metrics: dict) -> None:
+    """A sample grid and the final guidance-free metrics on a trial's child run."""
+
+    grid = tracking.image_grid(images[:100], ncols=10)
+    c = tracking.client(cfg.mlflow_uri)
+    c.log_image(run_id, grid if grid.shape[-1] == 3 else grid[..., 0], "samples_guidance_free.png")
+    tracking.log_metrics(cfg.mlflow_uri, run_id, {f"final_{k}": metrics[k] for k in
+                                                  ("fid", "isc_mean", "kid_mean", "precision", "recall", "accuracy")},
+                         step=0)
+
+
+def register_best(cfg: Config, run_id: str, export_dir: Path, name: str) -> str:
+    """Log the best export as the run's `model` artifact and register it; returns models:/name/version."""
+    c = tracking.client(cfg.mlflow_uri)
+    c.log_artifacts(run_id, str(export_dir), "model")
+    try:
+        c.create_registered_model(name)
+    except Exception:  # already registered by an earlier sweep
+        pass
+    source = f"{c.get_run(run_id).info.artifact_uri}/model"
+    mv = c.create_model_version(name, source, run_id=run_id)
+    return f"models:/{name}/{mv.version}"
+
+
+# -- the job ----------------------------------------------------------------------------
+def clock(t0: float) -> str:
+    """Elapsed time since t0 as m:ss, for the stage lines."""
+    m, sec = divmod(int(time.time() - t0), 60)
+    return f"{m}:{sec:02d}"
+
+
+def run_main_job(cfg: Config) -> dict:
+    from cca_ray.train.pretrain import pretrain
+    from cca_ray.train.driver import ensure_inputs, ensure_ray, run_training
+
+    t0 = time.time()
+    ensure_ray()
+    space = load_space(cfg)
+    print(f"[1/5 {clock(t0)}] data and base model", flush=True)
+    base = pretrain(cfg)
+    ensure_inputs(cfg, "train")
+    setup = eval_setup(cfg)
+    sweep_dir = cfg.root / "sweeps" / cfg.preset
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    uri = cfg.mlflow_uri
+    parent = tracking.start_run(uri, cfg.experiment, f"sweep-{cfg.preset}", artifact_root=cfg.root / "mlartifacts",
+                                tags={"stage": "tune", "space": space["path"]})
+    tracking.log_params(uri, parent, {f"space.{k}": json.dumps(v) for k, v in space["params"].items()})
+    tracking.log_text(uri, parent, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config.yaml")
+
+    n = cfg.eval.num_samples
+    print(f"[2/5 {clock(t0)}] CFG baseline of the base model at scales {cfg.eval.cfg_scales} (n={n})", flush=True)
+    cfg_rows = cfg_curve(setup, base, cfg.eval.cfg_scales, n=n)
+    for r in cfg_rows:
+        r["method"] = "base+CFG"
+
+    print(f"[3/5 {clock(t0)}] ASHA sweep: {cfg.tune.num_trials} trials over {list(space['params'])}", flush=True)
+    grid, trials_dir = run_asha(cfg, setup, space, sweep_dir, parent)
+
+    print(f"[4/5 {clock(t0)}] evaluating finished trials and baselines guidance-free (n={n})", flush=True)
+    points = []
+    exp_id = tracking.experiment_id(uri, cfg.experiment)
+    for res in grid:
+        trial_id = (res.metrics or {}).get("trial_id")
+        export = finished_export(trials_dir / f"trial-{trial_id}", cfg.base_model_dir, zero_stage=cfg.train.zero_stage,
+                                 dtype=cfg.model.dtype) if trial_id else None
+        if export is None:
+            continue  # stopped early by ASHA (or failed): only its proxy history counts
+        m, imgs = evaluate_model(setup, export, guidance=0.0, n=n)
+        m.update(method=f"cca trial-{trial_id}", lam=res.config.get("train.lam"), beta=res.config.get("train.beta"),
+                 export=str(export), run_id=tracking.find_run(uri, exp_id, f"trial-{trial_id}"))
+        if m["run_id"]:
+            log_samples(cfg, m["run_id"], imgs, m)
+        points.append(m)
+    if not points:
+        raise RuntimeError("no trial finished; nothing to evaluate (see the Tune logs above)")
+    best = min(points, key=lambda p: p["fid"])
+    for kind in cfg.tune.baselines:
+        bcfg = with_overrides(cfg, {"train.objective": kind, "train.beta": best["beta"]})
+        res = run_training(bcfg, "train", run_name=f"baseline-{kind}", storage_path=sweep_dir / "baselines",
+                           parent_run_id=parent)
+        m, _ = evaluate_model(setup, res.export_dir, guidance=0.0, n=n)
+        m.update(method=kind, beta=best["beta"] if kind == "dpo" else None,
+                 lam=bcfg.train.lam_unlearning if kind == "unlearning" else None)
+        points.append(m)
+
+    print(f"[5/5 {clock(t0)}] results", flush=True)
+    rows = cfg_rows + points
+    table = format_table(rows)
+    plot = trade_off_plot(cfg_rows, points, sweep_dir / "trade_off.png")
+    (sweep_dir / "results.md").write_text(table + "\n")
+    (sweep_dir / "results.csv").write_text(to_csv(rows))
+    c = tracking.client(uri)
+    c.log_artifact(parent, str(plot))
+    c.log_artifact(parent, str(sweep_dir / "results.md"))
+    c.log_artifact(parent, str(sweep_dir / "results.csv"))
+    for i, r in enumerate(cfg_rows):
+        tracking.log_metrics(uri, parent, {f"cfg_{k}": r[k] for k in ("fid", "isc_mean", "precision", "recall",
+                                                                        "accuracy", "guidance")}, step=i)
+    tracking.log_metrics(uri, parent, {f"best_{k}": best[k] for k in ("fid", "isc_mean", "precision", "recall",
+                                                                        "accuracy")}, step=0)
+    model_uri = register_best(cfg, best["run_id"] or parent, Path(best["export"]), f"{cfg.experiment}-best")
+    tracking.end_run(uri, parent)
+    summary = {"table": table, "plot": str(plot), "best": best, "model_uri": model_uri, "cfg_rows": cfg_rows,
+               "points": points, "minutes": (time.time() - t0) / 60}
+    print(table)
+    print(f"\ntrade-off plot: {plot}\nbest model: {best['export']} (registered as {model_uri})")
+    print(f"open MLflow:    mlflow ui --backend-store-uri {uri}")
+    print(f"took {summary['minutes']:.1f} min")
+    return summary
+
+
+def main(argv=None) -> None:
+    from cca_ray.cli import parse_stage_args
+
+    cfg, _ = parse_stage_args("tune", "The main job: CFG baseline, ASHA sweep over lam/beta, trade-off curves", argv)
+    try:
+        run_main_job(cfg)
+    except ConfigError as e:
+        raise SystemExit(f"cca_ray.tune: error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()
