@@ -4,20 +4,24 @@ The sampler knows nothing about a model family. An adapter hands it
 
 * a *backend* with ``prefill(input_ids, attention_mask, need_logits)`` and
   ``step(token_ids, need_logits)`` returning visual-slice logits ``[rows, K]`` (or None), and
-* a *schedule*: one entry per decoded position, ``-1`` where a visual code is sampled and a
-  token id where the layout forces a token (Emu3's end-of-line after every row).
+* a *schedule*: one entry per decode step, ``-1`` where one visual code is sampled, a token id
+  where the layout forces a token (Emu3's end-of-line after every row), or ``SampleBlock(n)``
+  where n codes are sampled at once from one forward (a whole scale of VAR). For a block the
+  backend returns logits ``[rows, n, K]`` and is fed the n codes ``[rows, n]``.
 
 Every row of a batch shares the layout, so the constraint is one decision per step for the
 whole batch, never a per-sample Python loop.
 
 Guidance convention (as in the CCA paper): ``l = l_c + s * (l_c - l_u)`` on log-probabilities,
-so ``guidance_scale = 0`` is plain conditional sampling. At ``s == 0`` the unconditional rows
-are not built at all: one forward of B rows per token. With ``s > 0`` conditional and
-unconditional rows go through one batched forward of 2B rows that share a KV-cache layout.
+so ``guidance_scale = 0`` is plain conditional sampling. ``guidance_scale`` is one number or
+one per sampling step (VAR ramps it over the scales). When every step's scale is 0 the
+unconditional rows are not built at all: one forward of B rows per step. Otherwise conditional
+and unconditional rows go through one batched forward of 2B rows that share a KV-cache layout
+(at every step, so that the unconditional cache is complete where guidance starts).
 
-Per-row seeds: each row draws its uniforms from its own generator and samples by inverse CDF,
-so a row's tokens depend on its seed and its distribution only, not on which other requests
-shared the batch.
+Per-row seeds: each row draws its uniforms (one per code, blocks included) from its own
+generator and samples by inverse CDF, so a row's tokens depend on its seed and its
+distribution only, not on which other requests shared the batch.
 """
 
 from __future__ import annotations
@@ -27,6 +31,24 @@ from typing import Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class SampleBlock:
+    """Schedule entry: sample ``n`` codes from one forward (logits [rows, n, K])."""
+
+    n: int
+
+    def __post_init__(self):
+        if self.n < 1:
+            raise ValueError(f"SampleBlock needs n >= 1, got {self.n}")
+
+
+def codes_at(entry: "int | SampleBlock") -> int:
+    """How many codes a schedule entry samples (0 for a forced token)."""
+    if isinstance(entry, SampleBlock):
+        return entry.n
+    return 1 if entry < 0 else 0
 
 
 class DecodeBackend(Protocol):
@@ -87,10 +109,9 @@ def sampling_logprobs(
     top_k: int | None,
     top_p: float | None,
 ) -> torch.Tensor:
-    """Visual-slice logits of the forward's rows -> the sampling distribution (log-probs) [B, K].
-
-    Rows [0, n_cond) are conditional; rows [n_cond, 2 n_cond) unconditional when guidance is on.
-    """
+    """Visual-slice logits of the forward's rows [rows, (n,) K] -> the sampling distribution
+    (log-probs) [B, (n,) K]. Rows [0, n_cond) are conditional; rows [n_cond, 2 n_cond)
+    unconditional when guidance is on."""
     lp_c = F.log_softmax(logits[:n_cond].float(), dim=-1)
     if guidance_scale != 0.0:
         lp_u = F.log_softmax(logits[n_cond : 2 * n_cond].float(), dim=-1)
@@ -102,9 +123,9 @@ def sampling_logprobs(
 
 
 def inverse_cdf(logp: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Draw one index per row of exp(logp) [B, K] with uniforms u [B] in (0, 1]."""
+    """Draw one index per row of exp(logp) [..., K] with uniforms u [...] in (0, 1]."""
     cdf = logp.double().exp().cumsum(-1)
-    idx = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1)).squeeze(-1)
+    idx = torch.searchsorted(cdf, (u * cdf[..., -1]).unsqueeze(-1)).squeeze(-1)
     return idx.clamp_(max=logp.shape[-1] - 1)
 
 
@@ -113,12 +134,12 @@ def decode(
     backend: DecodeBackend,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
-    schedule: Sequence[int],
+    schedule: Sequence["int | SampleBlock"],
     visual_offset: int,
     *,
     uncond_ids: torch.Tensor | None = None,
     uncond_mask: torch.Tensor | None = None,
-    guidance_scale: float = 0.0,
+    guidance_scale: float | Sequence[float] = 0.0,
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
@@ -127,23 +148,29 @@ def decode(
 ) -> SampleOutput:
     """Decode one batch. input_ids/attention_mask: [B, L] left-padded conditional prefixes.
 
-    With guidance_scale != 0, uncond_ids/uncond_mask [B, L'] are stacked under the
-    conditional rows (re-padded on the left to a common length) into one 2B-row batch.
+    guidance_scale: one scale, or one per sampling entry of the schedule. With any scale != 0,
+    uncond_ids/uncond_mask [B, L'] are stacked under the conditional rows (re-padded on the
+    left to a common length) into one 2B-row batch.
     visual_offset: token id of visual code 0 (code k is fed back as visual_offset + k).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    if guidance_scale < 0:
+    per_entry = [codes_at(s) for s in schedule]
+    n_steps = sum(1 for n in per_entry if n)
+    scales = [float(guidance_scale)] * n_steps if isinstance(guidance_scale, (int, float)) else [float(g) for g in guidance_scale]
+    if len(scales) != n_steps:
+        raise ValueError(f"guidance_scale: got {len(scales)} scales for {n_steps} sampling steps")
+    if any(g < 0 for g in scales):
         raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
     b = input_ids.shape[0]
     device = input_ids.device
-    cfg = guidance_scale != 0.0
+    cfg = any(g != 0.0 for g in scales)
     if cfg:
         if uncond_ids is None or uncond_mask is None:
             raise ValueError("guidance_scale != 0 needs the unconditional prefixes")
         input_ids, attention_mask = stack_left_padded([(input_ids, attention_mask), (uncond_ids, uncond_mask)])
 
-    n_visual = sum(1 for s in schedule if s < 0)
+    n_visual = sum(per_entry)
     seeds = make_seeds(seed, b)
     u = row_uniforms(seeds, n_visual, device=device)
     codes = torch.empty(b, n_visual, dtype=torch.long, device=device)
@@ -151,26 +178,30 @@ def decode(
     dists = [] if return_dists else None
 
     last = len(schedule) - 1
-    logits = backend.prefill(input_ids, attention_mask, need_logits=schedule[0] < 0)
-    j = 0
-    for t, forced in enumerate(schedule):
-        if forced < 0:
-            lp = sampling_logprobs(logits, b, guidance_scale, temperature, top_k, top_p)
-            k = inverse_cdf(lp, u[:, j])
-            codes[:, j] = k
-            step_lp[:, j] = lp.gather(-1, k.unsqueeze(-1)).squeeze(-1)
+    logits = backend.prefill(input_ids, attention_mask, need_logits=per_entry[0] > 0)
+    j = i = 0
+    for t, entry in enumerate(schedule):
+        n = per_entry[t]
+        if n:
+            block = isinstance(entry, SampleBlock)
+            lp = sampling_logprobs(logits, b, scales[i], temperature, top_k, top_p)  # [B, (n,) K]
+            uj = u[:, j : j + n] if block else u[:, j]
+            k = inverse_cdf(lp, uj)
+            codes[:, j : j + n] = k.view(b, n)
+            step_lp[:, j : j + n] = lp.gather(-1, k.unsqueeze(-1)).view(b, n)
             if dists is not None:
-                dists.append(lp)
+                dists.append(lp.view(b, n, -1))
             tok = k + visual_offset
-            j += 1
+            j += n
+            i += 1
         else:
-            tok = torch.full((b,), forced, dtype=torch.long, device=device)
+            tok = torch.full((b,), entry, dtype=torch.long, device=device)
         if t == last:
             break
         if cfg:
             tok = torch.cat([tok, tok])
-        logits = backend.step(tok, need_logits=schedule[t + 1] < 0)
-    return SampleOutput(codes, seeds, step_lp, torch.stack(dists, 1) if dists is not None else None)
+        logits = backend.step(tok, need_logits=per_entry[t + 1] > 0)
+    return SampleOutput(codes, seeds, step_lp, torch.cat(dists, 1) if dists is not None else None)
 
 
 def stack_left_padded(parts: list[tuple[torch.Tensor, torch.Tensor]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

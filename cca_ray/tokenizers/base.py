@@ -17,7 +17,7 @@ META_FILE = "tokenizer.json"
 
 
 class ImageTokenizer:
-    """images uint8 [N, H, W, C] <-> codes int32 [N, gh, gw] in [0, codebook_size)."""
+    """images uint8 [N, H, W, C] <-> codes int32 [N, *code_shape] in [0, codebook_size)."""
 
     kind: str = ""
     needs_fit: bool = False
@@ -25,6 +25,11 @@ class ImageTokenizer:
     grid: tuple[int, int]
     image_size: int
     channels: int
+
+    @property
+    def code_shape(self) -> tuple[int, ...]:
+        """One image's codes: the grid for raster tokenizers; VAR's ten scales are (680,) flat."""
+        return tuple(self.grid)
 
     def fit(self, images: np.ndarray) -> "ImageTokenizer":
         return self
