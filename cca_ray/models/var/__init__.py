@@ -12,10 +12,28 @@ sampler backend), checkpoint (load / save / tiny random models), tokenizer (``va
 """
 
 from cca_ray.models.var.adapter import VARAdapter, guidance_per_scale
-from cca_ray.models.var.checkpoint import SIDECAR, build_tiny_var, load_var, load_var_module, var_config_from_state_dict
+from cca_ray.models.var.checkpoint import (
+    SIDECAR,
+    build_tiny_var,
+    load_var,
+    load_var_module,
+    var_config_from_state_dict,
+)
 from cca_ray.models.var.layout import PATCH_NUMS, ScaleLayout
-from cca_ray.models.var.transformer import RELEASED_DEPTHS, VAR, VARConfig, build_var, var_config
-from cca_ray.models.var.vqvae import VQVAE, VQVAEConfig, build_tiny_vqvae, load_quantizer, load_vqvae
+from cca_ray.models.var.transformer import (
+    RELEASED_DEPTHS,
+    VAR,
+    VARConfig,
+    build_var,
+    var_config,
+)
+from cca_ray.models.var.vqvae import (
+    VQVAE,
+    VQVAEConfig,
+    build_tiny_vqvae,
+    load_quantizer,
+    load_vqvae,
+)
 
 __all__ = [
     "PATCH_NUMS", "RELEASED_DEPTHS", "SIDECAR", "ScaleLayout", "VAR", "VARAdapter", "VARConfig", "VQVAE", "VQVAEConfig",

@@ -190,8 +190,10 @@ class VARAdapter:
 
     # -- training hooks -----------------------------------------------------------------
     def external_parameters(self) -> list[nn.Parameter]:
-        """None: every weight is read inside its own submodule's forward (mat_qkv included)."""
-        return []
+        """Weights read outside their own submodule's forward, which ZeRO-3 must gather for the root:
+        shared AdaLN's per-block ``ada_gss`` (the root computes every block's modulation once).
+        The released per-block AdaLN models have none (mat_qkv is called as a module)."""
+        return [blk.ada_gss for blk in self.module.blocks if self.cfg.shared_aln]
 
     def enable_gradient_checkpointing(self) -> None:
         self.module.gradient_checkpointing = True

@@ -21,8 +21,19 @@ import torch
 
 from cca_ray.models.var.adapter import VARAdapter
 from cca_ray.models.var.layout import PATCH_NUMS, ScaleLayout
-from cca_ray.models.var.transformer import VAR, VARConfig, build_var, init_unit_scale, var_config
-from cca_ray.models.var.vqvae import build_tiny_vqvae, load_quantizer, load_strict, read_state_dict
+from cca_ray.models.var.transformer import (
+    VAR,
+    VARConfig,
+    build_var,
+    init_unit_scale,
+    var_config,
+)
+from cca_ray.models.var.vqvae import (
+    build_tiny_vqvae,
+    load_quantizer,
+    load_strict,
+    read_state_dict,
+)
 
 SIDECAR = "cca_ray.json"
 
@@ -54,7 +65,7 @@ def var_config_from_state_dict(sd: dict, *, patch_nums=None, drop_path_rate: flo
 
 def load_var_module(source, *, depth: int | None = None, patch_nums=None, drop_path_rate: float | None = None,
                     device="cpu", dtype=torch.float32) -> VAR:
-    """A VAR from a bare state dict (file or dict), loaded strictly. Built on the meta device and
+    """A VAR from a bare state dict (file or dict), loaded strictly, in eval mode. Built on the meta device and
     given the loaded tensors (assign), so no weight is allocated twice and none is initialised:
     a meta state dict gives a meta model (layout checks of the 2B-parameter d30 cost nothing)."""
     where = str(source) if not isinstance(source, dict) else "state dict"
@@ -69,7 +80,7 @@ def load_var_module(source, *, depth: int | None = None, patch_nums=None, drop_p
     load_strict(model, sd, where)
     if not model.lvl_1L.is_meta and not torch.equal(model.lvl_1L[0].cpu(), cfg.layout.level_ids()):
         raise ValueError(f"{where}: its level ids do not match the scales {cfg.patch_nums}")
-    return model.to(device=device, dtype=dtype)
+    return model.to(device=device, dtype=dtype).eval()  # as from_pretrained: the trainer calls train()
 
 
 def load_var(path, *, depth: int | None = None, vae_path=None, device="cpu", dtype=torch.float32,
