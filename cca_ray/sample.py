@@ -157,7 +157,10 @@ def decode(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     per_entry = [codes_at(s) for s in schedule]
     n_steps = sum(1 for n in per_entry if n)
-    scales = [float(guidance_scale)] * n_steps if isinstance(guidance_scale, (int, float)) else [float(g) for g in guidance_scale]
+    if isinstance(guidance_scale, (int, float)):
+        scales = [float(guidance_scale)] * n_steps
+    else:
+        scales = [float(g) for g in guidance_scale]
     if len(scales) != n_steps:
         raise ValueError(f"guidance_scale: got {len(scales)} scales for {n_steps} sampling steps")
     if any(g < 0 for g in scales):

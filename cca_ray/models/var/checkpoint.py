@@ -108,6 +108,8 @@ def load_var(path, *, depth: int | None = None, vae_path=None, device="cpu", dty
 
 
 def save_var(adapter: VARAdapter, path) -> None:
+    if adapter.vae_file is None:
+        raise ValueError("this VAR adapter was built without a VQVAE file; save needs one to copy beside the weights")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = adapter.cfg
@@ -152,7 +154,9 @@ def build_tiny_var(
     prompts=(),  # prompt families only
 ) -> Path:
     """Build and save (as ``VARAdapter.save``) a random-init VAR at unit scale; returns out_dir.
-    Without `vae_path` a random tiny VQVAE is made beside it (``vae_tiny.pth``)."""
+    Without `vae_path` a random tiny VQVAE is made beside it (``vae_tiny.pth``). drop_path_rate
+    defaults to 0 here, so train- and eval-mode scores agree (CCA's Δ is exactly 0 at step 0);
+    released checkpoints load with VAR's 0.1 * depth / 24 unless told otherwise."""
     if num_kv_heads not in (None, num_heads):
         raise ValueError("VAR has no grouped-query attention: num_kv_heads must equal num_heads")
     out_dir = Path(out_dir)

@@ -49,7 +49,8 @@ class MultiScaleQuantizer(nn.Module):
                  quant_resi: float = 0.5, share_quant_resi: int = 4):
         super().__init__()
         if share_quant_resi < 2:
-            raise ValueError(f"share_quant_resi={share_quant_resi}: only the released partially shared phi (>= 2) is supported")
+            raise ValueError(f"share_quant_resi={share_quant_resi}: only the released, partially shared phi "
+                             "(share_quant_resi >= 2) is supported")
         self.layout = ScaleLayout(patch_nums)
         self.vocab_size, self.Cvae = vocab_size, vae_channels
         self.quant_resi = PhiPartiallyShared(nn.ModuleList(Phi(vae_channels, quant_resi) for _ in range(share_quant_resi)))

@@ -41,7 +41,8 @@ class VARVQVAETokenizer(ImageTokenizer):
         if codebook_size is not None and codebook_size != cfg.vocab_size:
             raise ValueError(f"tokenizer.codebook_size={codebook_size} but {self.path} has {cfg.vocab_size} codes")
         if patch_size is not None and patch_size != cfg.downsample:
-            raise ValueError(f"tokenizer.patch_size={patch_size} but the VQVAE at {self.path} downsamples by {cfg.downsample}")
+            raise ValueError(f"tokenizer.patch_size={patch_size} but the VQVAE at {self.path} "
+                             f"downsamples by {cfg.downsample}")
         if image_size != cfg.downsample * layout.patch_nums[-1]:
             raise ValueError(f"data.image_size must be {cfg.downsample * layout.patch_nums[-1]} for this VQVAE "
                              f"(last scale {layout.patch_nums[-1]} x downsampling {cfg.downsample}), got {image_size}")
@@ -79,7 +80,8 @@ class VARVQVAETokenizer(ImageTokenizer):
         """int [N, 680] -> uint8 [N, H, W, C]."""
         codes = np.asarray(codes)
         if codes.ndim != 2 or codes.shape[1] != self.layout.num_tokens:
-            raise ValueError(f"codes must be [N, {self.layout.num_tokens}] (scales {self.scales} flat), got {list(codes.shape)}")
+            raise ValueError(f"codes must be [N, {self.layout.num_tokens}] (scales {self.scales} flat), "
+                             f"got {list(codes.shape)}")
         if len(codes) and (codes.min() < 0 or codes.max() >= self.codebook_size):
             raise ValueError(f"codes must lie in [0, {self.codebook_size}); got [{codes.min()}, {codes.max()}]")
         out = []
