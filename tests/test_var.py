@@ -308,7 +308,9 @@ def test_top_k_top_p_and_temperature(model):
     assert (kept >= 1).all() and (kept < V).all()
     hot = model.sample(cond, temperature=2.0, seed=0, return_dists=True).step_dists
     cold = model.sample(cond, temperature=0.5, seed=0, return_dists=True).step_dists
-    entropy = lambda lp: -(lp.exp() * lp).sum(-1).mean()
+    def entropy(lp):
+        return -(lp.exp() * lp).sum(-1).mean()
+
     assert entropy(hot) > entropy(cold)
 
 
@@ -444,9 +446,17 @@ def test_tokenizer_identity_save_load_and_gray_images(tokenizer, tmp_path):
         tokenizer.decode(np.zeros((1, 16, 16), dtype=np.int32))
 
 
-def test_tiny_vqvae_with_other_scales(tmp_path):
-    """A VQVAE file at other scales (a CPU smoke setup) loads once told its scales."""
-    path = build_tiny_vqvae(tmp_path / "v.pth", patch_nums=(1, 2, 4, 8, 16), num_res_blocks=1)
-    tok = TOKENIZERS["var-vqvae"](path, 256, 3, device="cpu", patch_nums=(1, 2, 4, 8, 16))
-    assert tok.code_shape == (1 + 4 + 16 + 64 + 256,) and tok.identity()["scales"] == [1, 2, 4, 8, 16]
+def test_tiny_vqvae_with_other_scales_and_levels(tmp_path):
+    """A VQVAE file at other scales and fewer levels (a CPU smoke setup: 32x32 images, 4x down,
+    scales up to 8) loads once told its scales; its levels are read off the state dict."""
+    path = build_tiny_vqvae(tmp_path / "v.pth", ch_mult=(1, 2, 2), patch_nums=(1, 2, 4, 8))
+    with pytest.raises(ValueError, match="image_size must be 64 .* needs its patch_nums"):
+        TOKENIZERS["var-vqvae"](path, 32, 1, device="cpu")  # told nothing: VAR's ten scales do not fit
+    tok = TOKENIZERS["var-vqvae"](path, 32, 1, device="cpu", patch_nums=(1, 2, 4, 8))
+    assert tok.code_shape == (1 + 4 + 16 + 64,) and tok.identity()["scales"] == [1, 2, 4, 8]
+    assert tok.model.cfg.ch_mult == (1, 2, 2) and tok.identity()["patch_size"] == 4
     assert math.isclose(tok.model.quantize.quant_resi.qresi_ls[0].resi_ratio, 0.5)
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.randint(0, 256, (2, 32, 32, 1), generator=g, dtype=torch.uint8).numpy()
+    codes = tok.encode(imgs)
+    assert codes.shape == (2, 85) and tok.decode(codes).shape == (2, 32, 32, 1)

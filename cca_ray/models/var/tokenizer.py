@@ -45,7 +45,8 @@ class VARVQVAETokenizer(ImageTokenizer):
                              f"downsamples by {cfg.downsample}")
         if image_size != cfg.downsample * layout.patch_nums[-1]:
             raise ValueError(f"data.image_size must be {cfg.downsample * layout.patch_nums[-1]} for this VQVAE "
-                             f"(last scale {layout.patch_nums[-1]} x downsampling {cfg.downsample}), got {image_size}")
+                             f"(last scale {layout.patch_nums[-1]} x downsampling {cfg.downsample}), got {image_size}; "
+                             f"a VQVAE trained at other scales needs its patch_nums")
         if channels not in (1, 3):
             raise ValueError(f"var-vqvae tokenizer takes 1- or 3-channel images, got {channels}")
         self.layout = layout

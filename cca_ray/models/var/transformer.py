@@ -116,17 +116,17 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None, kv: KVCache | None = None):
         """x [B, l, C]; attn_bias additive [1, 1, l, l] (teacher forcing) or None with a KV cache."""
-        b, l, c = x.shape
+        b, n, c = x.shape
         # mat_qkv is called as a module (not F.linear on its weight) so ZeRO-3 gathers it itself
         qkv = self.mat_qkv(x) + torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
-        q, k, v = qkv.view(b, l, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = qkv.view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if self.attn_l2_norm:
             q = F.normalize(q, dim=-1).mul(self.scale_mul_1H11.clamp_max(MAX_SCALE_MUL).exp())
             k = F.normalize(k, dim=-1)
         if kv is not None:
             k, v = kv.append(k, v)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=self.scale)
-        return self.proj(o.transpose(1, 2).reshape(b, l, c))
+        return self.proj(o.transpose(1, 2).reshape(b, n, c))
 
 
 class FFN(nn.Module):

@@ -266,10 +266,11 @@ def load_quantizer(path, *, patch_nums=None, quant_resi=None, device="cpu") -> M
 
 
 def build_tiny_vqvae(path, *, vocab_size: int = 64, z_channels: int = 8, ch: int = 32, num_res_blocks: int = 1,
-                     patch_nums=PATCH_NUMS, seed: int = 0) -> Path:
-    """Save a random-init VQVAE in the released file format (a bare state dict) at `path`."""
+                     ch_mult=(1, 1, 2, 2, 4), patch_nums=PATCH_NUMS, seed: int = 0) -> Path:
+    """Save a random-init VQVAE in the released file format (a bare state dict) at `path`.
+    Fewer levels in ch_mult downsample less (2 ** (levels - 1)): small images for CPU smoke runs."""
     cfg = VQVAEConfig(vocab_size=vocab_size, z_channels=z_channels, ch=ch, num_res_blocks=num_res_blocks,
-                      patch_nums=tuple(patch_nums))
+                      ch_mult=tuple(ch_mult), patch_nums=tuple(patch_nums))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = VQVAE(cfg)
