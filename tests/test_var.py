@@ -25,7 +25,7 @@ from cca_ray.models.var import (
 )
 from cca_ray.models.var.vqvae import config_from_state_dict
 from cca_ray.sample import SampleBlock, decode
-from cca_ray.tokenizers import TOKENIZERS, load_tokenizer
+from cca_ray.tokenizers import load_tokenizer, tokenizer_class
 
 _PATCHED_BY_VAR = (nn.Linear, nn.LayerNorm, nn.BatchNorm2d, nn.SyncBatchNorm, nn.Conv1d, nn.Conv2d,
                    nn.ConvTranspose1d, nn.ConvTranspose2d)
@@ -187,7 +187,7 @@ def test_loading_leaves_torch_reset_parameters_alone(tiny_dir, tmp_path):
 # -- quantiser ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tokenizer(tiny_dir):
-    return TOKENIZERS["var-vqvae"](tiny_dir / "vae_tiny.pth", 256, 3, device="cpu")
+    return tokenizer_class("var-vqvae")(tiny_dir / "vae_tiny.pth", 256, 3, device="cpu")
 
 
 def _images(n, seed=0, c=3):
@@ -437,11 +437,11 @@ def test_tokenizer_identity_save_load_and_gray_images(tokenizer, tmp_path):
     assert np.array_equal(again.encode(imgs), codes)
     out = again.decode(codes)
     assert out.dtype == np.uint8 and out.shape == (1, 256, 256, 3)
-    gray = TOKENIZERS["var-vqvae"](tokenizer.path, 256, 1, device="cpu")
+    gray = tokenizer_class("var-vqvae")(tokenizer.path, 256, 1, device="cpu")
     g = _images(1, seed=2, c=1)
     assert gray.encode(g).shape == (1, 680) and gray.decode(gray.encode(g)).shape == (1, 256, 256, 1)
     with pytest.raises(ValueError, match="image_size must be 256"):
-        TOKENIZERS["var-vqvae"](tokenizer.path, 64, 3, device="cpu")
+        tokenizer_class("var-vqvae")(tokenizer.path, 64, 3, device="cpu")
     with pytest.raises(ValueError, match=r"codes must be \[N, 680\]"):
         tokenizer.decode(np.zeros((1, 16, 16), dtype=np.int32))
 
@@ -451,8 +451,8 @@ def test_tiny_vqvae_with_other_scales_and_levels(tmp_path):
     scales up to 8) loads once told its scales; its levels are read off the state dict."""
     path = build_tiny_vqvae(tmp_path / "v.pth", ch_mult=(1, 2, 2), patch_nums=(1, 2, 4, 8))
     with pytest.raises(ValueError, match="image_size must be 64 .* needs its patch_nums"):
-        TOKENIZERS["var-vqvae"](path, 32, 1, device="cpu")  # told nothing: VAR's ten scales do not fit
-    tok = TOKENIZERS["var-vqvae"](path, 32, 1, device="cpu", patch_nums=(1, 2, 4, 8))
+        tokenizer_class("var-vqvae")(path, 32, 1, device="cpu")  # told nothing: VAR's ten scales do not fit
+    tok = tokenizer_class("var-vqvae")(path, 32, 1, device="cpu", patch_nums=(1, 2, 4, 8))
     assert tok.code_shape == (1 + 4 + 16 + 64,) and tok.identity()["scales"] == [1, 2, 4, 8]
     assert tok.model.cfg.ch_mult == (1, 2, 2) and tok.identity()["patch_size"] == 4
     assert math.isclose(tok.model.quantize.quant_resi.qresi_ls[0].resi_ratio, 0.5)
