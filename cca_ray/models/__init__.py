@@ -28,6 +28,8 @@ SIDECAR = "cca_ray.json"  # written beside every checkpoint we save: the family 
 MODEL_FAMILIES: dict[str, dict[str, str]] = {
     "emu3": {"load": "cca_ray.models.emu3:load_emu3", "build_tiny": "cca_ray.models.emu3:build_tiny_from_config",
              "condition_kind": "prompt"},
+    "llamagen": {"load": "cca_ray.models.llamagen:load_llamagen",
+                 "build_tiny": "cca_ray.models.llamagen:build_tiny_from_config", "condition_kind": "label"},
     "var": {"load": "cca_ray.models.var:load_var", "build_tiny": "cca_ray.models.var:build_tiny_from_config",
             "condition_kind": "label"},
 }
