@@ -21,6 +21,7 @@ from cca_ray.tokenizers.base import META_FILE, ImageTokenizer, read_meta
 TOKENIZERS: dict[str, str] = {
     "kmeans": "cca_ray.tokenizers.kmeans:KMeansPatchTokenizer",
     "emu3-vqvae": "cca_ray.models.emu3.vqvae:Emu3VQVAETokenizer",
+    "llamagen-vq": "cca_ray.models.llamagen.vq_tokenizer:LlamaGenVQTokenizer",  # VQ-16: codes [N, h, w]
     "var-vqvae": "cca_ray.models.var.tokenizer:VARVQVAETokenizer",  # codes [N, 680]: VAR's ten scales, flat
 }
 
