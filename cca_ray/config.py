@@ -58,7 +58,7 @@ class DataConfig(_Section):
 class TokenizerConfig(_Section):
     """Image <-> code grid."""
 
-    kind: Literal["kmeans", "emu3-vqvae", "var-vqvae"] = "kmeans"
+    kind: Literal["kmeans", "emu3-vqvae", "llamagen-vq", "var-vqvae"] = "kmeans"
     codebook_size: int = Field(64, gt=1)
     patch_size: int = Field(2, gt=0)
     path: str | None = Field(None, description="local path of a pretrained tokenizer (emu3-vqvae)")
@@ -70,7 +70,7 @@ class TokenizerConfig(_Section):
 class ModelConfig(_Section):
     """The AR visual model. path=None builds a tiny random-init model under the workdir."""
 
-    family: Literal["emu3", "var"] = "emu3"
+    family: Literal["emu3", "llamagen", "var"] = "emu3"
     path: str | None = None
     hidden_size: int = Field(64, gt=0)
     num_layers: int = Field(2, gt=0)

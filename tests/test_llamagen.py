@@ -23,7 +23,7 @@ from cca_ray.models.llamagen import (
     redraw_weights,
 )
 from cca_ray.models.llamagen.gpt import apply_rope, rope_2d
-from cca_ray.tokenizers import TOKENIZERS, load_tokenizer
+from cca_ray.tokenizers import load_tokenizer, tokenizer_class
 
 K, CLASSES, IMAGE = 64, 10, 64  # tiny: 64 codes, 10 classes, 64 px -> a 4x4 grid
 OPTS = dict(family="llamagen", gpt_model="GPT-tiny", image_size=IMAGE, num_classes=CLASSES, codebook_size=K)
@@ -311,10 +311,11 @@ def test_export_path_bf16(tmp_path, model):
 
 
 def test_build_tiny_entry_writes_a_loadable_model(tmp_path):
-    from cca_ray.models import MODEL_FAMILIES
+    from cca_ray.config import ModelConfig
+    from cca_ray.models import build_tiny_model
 
-    path = MODEL_FAMILIES["llamagen"]["build_tiny"](tmp_path / "tiny", codebook_size=32, hidden_size=32, num_layers=1,
-                                                   num_heads=2, num_classes=5, image_size=32)
+    path = build_tiny_model(tmp_path / "tiny", ModelConfig(family="llamagen", hidden_size=32, num_layers=1, num_heads=2),
+                            codebook_size=32, num_classes=5, grid=(2, 2))
     m = load_model(path)
     assert (m.codebook_size, m.num_classes, m.grid) == (32, 5, (2, 2))
     logits = m.module.logits(torch.tensor([0]), torch.tensor([[1, 2, 3]]))
@@ -359,7 +360,7 @@ def test_vq_codes_are_nearest_unit_codebook_rows(vq_file, images):
 
 
 def test_vq_decode_and_save_load_round_trip(tmp_path, vq_file, images):
-    tok = TOKENIZERS["llamagen-vq"](vq_file, image_size=IMAGE, channels=3, codebook_size=K, patch_size=16, device="cpu")
+    tok = tokenizer_class("llamagen-vq")(vq_file, image_size=IMAGE, channels=3, codebook_size=K, patch_size=16, device="cpu")
     codes = tok.encode(images)
     out = tok.decode(codes)
     assert out.dtype == np.uint8 and out.shape == images.shape

@@ -32,7 +32,7 @@ from cca_ray.data.schema import DataError
 from cca_ray.data.shards import make_manifest, read_dataset, read_manifest
 from cca_ray.models import is_checkpoint
 
-_ROW_IN_BATCH = re.compile(r"prompt (\d+)")
+_ROW_IN_BATCH = re.compile(r"(?:prompt|condition) (\d+)")  # the adapters name the row in a batch
 # how the ref_logp_* columns are scored; bump when that changes so older pairs_ref dirs read as stale.
 # 1: null flags applied to ref_logp_pos/neg, no ref_logp_null. 2: real prompts + ref_logp_null.
 REFERENCE_VERSION = 2

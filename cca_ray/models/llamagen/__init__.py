@@ -7,13 +7,10 @@ static-KV-cache sampler backend and the VQ-16 image tokenizer.
 GPT_MODELS holds LlamaGen's --gpt-model names (the CLI choices).
 """
 
-# The tokenizer registry (cca_ray.tokenizers) imports our VQ tokenizer, which subclasses
-# cca_ray.tokenizers.base: initialise the registry first, so that whichever module is imported
-# first, the registry finds vq_tokenizer complete rather than half-initialised.
-import cca_ray.tokenizers  # noqa: F401  (isort: skip)
 from cca_ray.models.llamagen.adapter import (
     SIDECAR,
     LlamaGenAdapter,
+    build_tiny_from_config,
     build_tiny_llamagen,
     expected_shapes,
     gpt_config,
@@ -34,6 +31,7 @@ __all__ = [
     "LlamaGenAdapter",
     "LlamaGenGPT",
     "LlamaGenVQTokenizer",
+    "build_tiny_from_config",
     "build_tiny_llamagen",
     "build_tiny_vq",
     "expected_shapes",

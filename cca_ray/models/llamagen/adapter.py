@@ -266,3 +266,17 @@ def redraw_weights(gpt: nn.Module, generator: torch.Generator | None = None) -> 
             p.normal_(0.0, 1.0, generator=generator)
         else:
             p.normal_(0.0, p.shape[1] ** -0.5, generator=generator)
+
+
+def build_tiny_from_config(out_dir, model_cfg, *, codebook_size: int, num_classes: int | None = None,
+                           grid: tuple[int, int] | None = None, **_) -> Path:
+    """The registry's build_tiny: a GPT of model_cfg's size over the data's code grid and classes.
+    LlamaGen's grid is square (its 2-D RoPE tables assume it); the image size it records is grid x 16."""
+    if grid is None or grid[0] != grid[1]:
+        raise ValueError(f"LlamaGen needs a square code grid, got {grid}")
+    if not num_classes:
+        raise ValueError("LlamaGen is class-conditional: the training data has no labels")
+    return build_tiny_llamagen(out_dir, codebook_size=codebook_size, hidden_size=model_cfg.hidden_size,
+                               num_layers=model_cfg.num_layers, num_heads=model_cfg.num_heads,
+                               num_kv_heads=model_cfg.num_kv_heads, num_classes=num_classes,
+                               image_size=grid[0] * 16, downsample_size=16, seed=model_cfg.seed)

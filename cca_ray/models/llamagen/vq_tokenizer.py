@@ -65,7 +65,7 @@ class LlamaGenVQTokenizer(ImageTokenizer):
         if image_size % cfg.downsample:
             raise ValueError(f"data.image_size ({image_size}) must be a multiple of the VQ downsampling factor {cfg.downsample}")
         self.codebook_size = cfg.codebook_size
-        self.grid = self.code_shape = (image_size // cfg.downsample,) * 2
+        self.grid = (image_size // cfg.downsample,) * 2
         self._ckpt_id: str | None = None
 
     @classmethod
