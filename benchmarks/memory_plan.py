@@ -109,9 +109,20 @@ def main() -> None:
     ap.add_argument("--gpus-per-node", type=int, default=8)
     ap.add_argument("--gpu-gib", type=float, default=80.0)
     ap.add_argument("--global-batch", type=int, default=256, help="pairs per optimizer step to keep")
+    ap.add_argument("--llamagen-table", action="store_true", help="every llamagen-*-a100 preset in one table")
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. train.zero_stage=2")
     args = ap.parse_args()
+    if args.llamagen_table:
+        import memory_plan_llamagen as lg
+        from cca_ray.config import available_presets
+
+        names = [p for p in available_presets() if p.startswith("llamagen-") and p.endswith("-a100")]
+        return lg.table(names, nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu_gib=args.gpu_gib)
     cfg = load_config(args.preset, overrides=args.overrides)
+    if cfg.model.family == "llamagen":  # LlamaGen's shapes: benchmarks/memory_plan_llamagen.py
+        import memory_plan_llamagen as lg
+
+        return lg.report(cfg, nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu_gib=args.gpu_gib)
     tc, arch_src = cfg.train, None
     arch, arch_src = arch_of(cfg)
     world = args.nodes * args.gpus_per_node

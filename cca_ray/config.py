@@ -67,6 +67,40 @@ class TokenizerConfig(_Section):
     seed: int = 0
 
 
+# -- LlamaGen (model.family llamagen) -------------------------------------------------------
+# LlamaGen's --gpt-model names, the choices of model.llamagen.gpt_model; tests/test_llamagen_stages.py
+# holds them equal to cca_ray.models.llamagen.GPT_MODELS (not imported here: it would pull in torch).
+LLAMAGEN_GPT_MODELS = ("GPT-tiny", "GPT-B", "GPT-L", "GPT-XL", "GPT-XXL", "GPT-XXXL", "GPT-1B", "GPT-3B", "GPT-7B")
+
+
+class LlamaGenOptions(_Section):
+    """LlamaGen's own CLI options (--gpt-model, --image-size, ...) for a released c2i .pt at model.path.
+    Field names are load_llamagen's keyword arguments; unset = LlamaGen's default. A directory we saved
+    records its own options, so these are read only for released files (cca_ray.models.loader_options)."""
+
+    gpt_model: Literal[LLAMAGEN_GPT_MODELS] | None = Field(None, description="--gpt-model (required for a .pt file)")
+    image_size: int | None = Field(None, gt=0, description="--image-size the file was trained at: 256 or 384 "
+                                   "(required for a .pt file)")
+    downsample_size: Literal[8, 16] | None = Field(None, description="--downsample-size of its VQ (default 16)")
+    num_classes: int | None = Field(None, gt=0, description="--num-classes (default 1000)")
+    cls_token_num: int | None = Field(None, gt=0, description="--cls-token-num (default 1)")
+    codebook_size: int | None = Field(None, gt=1, description="--vocab-size: codes of its VQ (default 16384)")
+    class_dropout_prob: float | None = Field(None, ge=0.0, le=1.0, description="--class-dropout-prob it was trained "
+                                             "with: 0 = no null-class row; unset = read it from the file")
+
+
+def _check_llamagen_options(m: "ModelConfig") -> None:
+    given = m.llamagen.model_dump(exclude_none=True)
+    if given and m.family != "llamagen":
+        raise ValueError(f"model.llamagen.{next(iter(given))} is set but model.family is {m.family}")
+    released = m.family == "llamagen" and m.path and Path(m.path).suffix in (".pt", ".pth")
+    missing = [k for k in ("gpt_model", "image_size") if k not in given]
+    if released and missing:
+        raise ValueError(f"model.path {m.path} is a released LlamaGen file: set "
+                         + " and ".join(f"model.llamagen.{k}" for k in missing) + " (its --gpt-model / --image-size)")
+
+
+# ---------------------------------------------------------------------------------------------
 class ModelConfig(_Section):
     """The AR visual model. path=None builds a tiny random-init model under the workdir."""
 
@@ -81,11 +115,13 @@ class ModelConfig(_Section):
     dtype: Literal["float32", "bfloat16"] = "float32"
     gradient_checkpointing: bool = False
     seed: int = 0
+    llamagen: LlamaGenOptions = LlamaGenOptions()
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "ModelConfig":
         if self.hidden_size % self.num_heads:
             raise ValueError(f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads ({self.num_heads})")
+        _check_llamagen_options(self)
         return self
 
 
@@ -138,6 +174,11 @@ class EvalConfig(_Section):
     proxy_num_samples: int = Field(200, gt=0, description="images for the FID proxy used in sweeps")
     extractor: Literal["mnist-cnn", "inception-v3"] = "mnist-cnn"
     inception_weights: str | None = None
+    # the standard ImageNet FID (LlamaGen, VAR): against precomputed statistics, on resized samples
+    reference_stats: str | None = Field(None, description="npz with Inception mu/sigma (ADM's "
+                                        "VIRTUAL_imagenet256_labeled.npz): FID against them (cca_ray/evaluate/reference_stats.py)")
+    image_size: int | None = Field(None, gt=0, description="resize samples to this size (bicubic) before scoring; "
+                                   "None: as decoded")
     classifier_epochs: int = Field(12, gt=0, description="mnist-cnn: epochs over the train split (trained once, cached)")
     cfg_scales: list[float] = [0.0, 0.5, 1.0, 2.0, 3.0]
     kid_subset_size: int = Field(100, gt=1)
@@ -334,7 +375,8 @@ def load_config(
 # Every config field that holds a filesystem path. load_config makes them absolute (against the
 # current directory) before anything sees them: Tune trials, Train workers and Serve replicas run
 # in directories of their own, where a relative path would point somewhere else.
-PATH_FIELDS = ("workdir", "data.path", "tokenizer.path", "model.path", "eval.inception_weights", "tune.space",
+PATH_FIELDS = ("workdir", "data.path", "tokenizer.path", "model.path", "eval.inception_weights", "eval.reference_stats",
+               "tune.space",
                "serve.checkpoint", "serve.tokenizer_dir", "serve.label_source")
 _URI_PREFIXES = ("models:/", "runs:/", "mlflow-artifacts:/", "s3://", "gs://", "hdfs://", "file://", "http://",
                  "https://")

@@ -17,7 +17,7 @@ import numpy as np
 
 from cca_ray.config import Config
 from cca_ray.evaluate.report import format_table
-from cca_ray.models import condition_kind, is_checkpoint
+from cca_ray.models import condition_kind, is_checkpoint, loader_options
 
 @dataclass
 class EvalSetup:
@@ -88,7 +88,8 @@ def evaluate_model(
 
         images = sample_local(model, load_tokenizer(setup.tokenizer_dir), conds, **kw)
     else:
-        images = sample_parallel(model_path, setup.tokenizer_dir, conds, workers=cfg.eval.workers, **kw)
+        images = sample_parallel(model_path, setup.tokenizer_dir, conds, workers=cfg.eval.workers,
+                                 load_options=loader_options(cfg.model, model_path), **kw)
     out = compute_metrics(
         images, setup.reference, setup.extractor, kid_subset_size=cfg.eval.kid_subset_size,
         prc_neighborhood=cfg.eval.prc_neighborhood, metrics=tuple(metrics or ALL_METRICS), labels=labels,

@@ -59,11 +59,12 @@ def sample_local(
     return np.concatenate(out) if out else np.zeros((0, tokenizer.image_size, tokenizer.image_size, tokenizer.channels), np.uint8)
 
 
-def _sample_chunk(model_path: str, tokenizer_dir: str, conds: list, first_index: int, kw: dict) -> np.ndarray:
+def _sample_chunk(model_path: str, tokenizer_dir: str, conds: list, first_index: int, kw: dict,
+                  load_options: dict | None = None) -> np.ndarray:
     from cca_ray.models import load_model
     from cca_ray.tokenizers import load_tokenizer
 
-    model = load_model(model_path)
+    model = load_model(model_path, **(load_options or {}))
     model.module.eval()
     return sample_local(model, load_tokenizer(tokenizer_dir), conds, first_index=first_index, **kw)
 
@@ -75,17 +76,19 @@ def sample_parallel(
     *,
     workers: int = 2,
     cpus_per_worker: float = 1.0,
+    load_options: dict | None = None,
     **kw,
 ) -> np.ndarray:
-    """Split the condition list over `workers` Ray tasks; same images as sample_local for the same seed."""
+    """Split the condition list over `workers` Ray tasks; same images as sample_local for the same seed.
+    load_options: load_model's options for model_path (cca_ray.models.loader_options; a released file needs them)."""
     import ray
 
     if workers <= 1 or len(conds) < 2:
-        return _sample_chunk(str(model_path), str(tokenizer_dir), list(conds), 0, kw)
+        return _sample_chunk(str(model_path), str(tokenizer_dir), list(conds), 0, kw, load_options)
     task = ray.remote(num_cpus=cpus_per_worker)(_sample_chunk)
     bounds = np.linspace(0, len(conds), workers + 1).astype(int)
     refs = [
-        task.remote(str(model_path), str(tokenizer_dir), list(conds[a:b]), int(a), kw)
+        task.remote(str(model_path), str(tokenizer_dir), list(conds[a:b]), int(a), kw, load_options)
         for a, b in zip(bounds[:-1], bounds[1:])
         if b > a
     ]

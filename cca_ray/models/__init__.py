@@ -75,6 +75,21 @@ def load_model(path, *, family: str | None = None, device="cpu", dtype=torch.flo
     return _entry(family, "load")(path, device=device, dtype=dtype, **options)
 
 
+def loader_options(model_cfg, path) -> dict:
+    """load_model's keyword options for `path` from a ModelConfig, the one place a stage turns config into
+    them: none for a directory we saved (its sidecar names the family and the architecture); otherwise
+    model.family plus that family's option block, model.<family> (LlamaGen: model.llamagen.gpt_model,
+    image_size, ...), whose field names are the family loader's keyword arguments.
+
+        load_model(path, **loader_options(cfg.model, path), device=..., dtype=...)
+    """
+    if (Path(path) / SIDECAR).is_file():
+        return {}
+    block = getattr(model_cfg, model_cfg.family, None)
+    options = block.model_dump(exclude_none=True) if block is not None else {}
+    return {"family": model_cfg.family, **options}
+
+
 def build_tiny_model(out_dir, model_cfg, *, codebook_size: int, prompts: Sequence[str] = (),
                      num_classes: int | None = None, grid: tuple[int, int] | None = None) -> Path:
     """Random-init model of `model_cfg`'s family and size, saved under out_dir (used when model.path is None).
@@ -84,4 +99,4 @@ def build_tiny_model(out_dir, model_cfg, *, codebook_size: int, prompts: Sequenc
 
 
 __all__ = ["ARVisualModel", "Cond", "DTYPES", "MODEL_FAMILIES", "RawCondition", "SIDECAR", "build_tiny_model",
-           "checkpoint_family", "condition_kind", "is_checkpoint", "load_model"]
+           "checkpoint_family", "condition_kind", "is_checkpoint", "load_model", "loader_options"]

@@ -85,7 +85,7 @@ class ImageGenerator:
     def __init__(self, cfg_tree: dict, checkpoint: str):
         import torch
 
-        from cca_ray.models import load_model
+        from cca_ray.models import load_model, loader_options
         from cca_ray.sample import make_seeds
         from cca_ray.telemetry import ServeMetrics
         from cca_ray.tokenizers import load_tokenizer
@@ -96,7 +96,7 @@ class ImageGenerator:
         self.make_seeds = make_seeds
         model_dir = resolve_checkpoint(checkpoint, cfg.mlflow_uri)
         device = "cuda" if s.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-        self.model = load_model(model_dir, device=device, dtype=cfg.model.dtype)
+        self.model = load_model(model_dir, **loader_options(cfg.model, model_dir), device=device, dtype=cfg.model.dtype)
         self.tok = load_tokenizer(find_tokenizer_dir(cfg, model_dir), device=device)
         if int(self.tok.codebook_size) != int(self.model.codebook_size):
             raise ValueError(f"image tokenizer codebook ({self.tok.codebook_size}) != model codebook "

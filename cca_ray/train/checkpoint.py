@@ -61,12 +61,13 @@ def consolidated_state_dict(ckpt_dir: str | Path, zero_stage: int) -> dict[str, 
 
 
 def export_model(ckpt_dir: str | Path, model_dir: str | Path, out_dir: str | Path, *, zero_stage: int,
-                 dtype: str = "float32") -> Path:
+                 dtype: str = "float32", load_options: dict | None = None) -> Path:
     """Write a `load_model`-able directory from a sharded checkpoint: the architecture (and tokenizer)
-    come from `model_dir` (the run's starting model), the weights from the checkpoint."""
+    come from `model_dir` (the run's starting model, loaded with `load_options`: see
+    cca_ray.models.loader_options), the weights from the checkpoint."""
     from cca_ray.models import DTYPES, load_model
 
-    adapter = load_model(model_dir, device="cpu", dtype=torch.float32)
+    adapter = load_model(model_dir, **(load_options or {}), device="cpu", dtype=torch.float32)
     state = consolidated_state_dict(ckpt_dir, zero_stage)
     result = adapter.module.load_state_dict(state, strict=False)
     trainable = {n for n, _ in adapter.module.named_parameters() if not n.startswith(adapter.frozen_prefixes)}

@@ -34,7 +34,7 @@ from cca_ray.raycluster import ensure_ray
 from cca_ray.train.batches import REFERENCE_OBJECTIVES, TrainDataError, dataset_for, read_rows
 from cca_ray.train.recipe import Trainer
 from cca_ray.workarounds import quiet_ray_train_reports
-from cca_ray.models import is_checkpoint
+from cca_ray.models import is_checkpoint, loader_options
 
 log = logging.getLogger("cca_ray.train")
 
@@ -163,7 +163,7 @@ def run_training(cfg: Config, section: str = "train", *, run_name: str | None = 
     export_dir = None
     if export and last is not None:
         export_dir = ckpt.export_model(last, model_dir, run_dir / "export", zero_stage=tc.zero_stage,
-                                       dtype=cfg.model.dtype)
+                                       dtype=cfg.model.dtype, load_options=loader_options(cfg.model, model_dir))
         tracking.set_tags(uri, run_id, {"export_dir": export_dir, "checkpoint": last})
     tracking.end_run(uri, run_id, "FINISHED")
     return TrainResult(run_name, run_dir, last, export_dir, dict(result.metrics or {}), run_id)

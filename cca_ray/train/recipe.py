@@ -164,9 +164,10 @@ class Trainer:
         """The starting weights on CPU; deepspeed.initialize moves them to the device (and partitions them under
         ZeRO-3). bf16 runs load bf16 weights: DeepSpeed casts the module to bf16 before it builds its fp32
         master copy anyway, and it halves the host memory each rank needs while loading."""
-        from cca_ray.models import load_model
+        from cca_ray.models import load_model, loader_options
 
-        return load_model(self.model_dir, device="cpu", dtype=torch.bfloat16 if self.tc.bf16 else torch.float32)
+        return load_model(self.model_dir, **loader_options(self.cfg.model, self.model_dir), device="cpu",
+                          dtype=torch.bfloat16 if self.tc.bf16 else torch.float32)
 
     def setup(self, resume_dir: str | Path | None = None) -> Trainer:
         import deepspeed

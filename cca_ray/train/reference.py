@@ -30,7 +30,7 @@ import pyarrow as pa
 from cca_ray.data.fingerprint import checkpoint_id
 from cca_ray.data.schema import DataError
 from cca_ray.data.shards import make_manifest, read_dataset, read_manifest
-from cca_ray.models import is_checkpoint
+from cca_ray.models import is_checkpoint, loader_options
 
 _ROW_IN_BATCH = re.compile(r"(?:prompt|condition) (\d+)")  # the adapters name the row in a batch
 # how the ref_logp_* columns are scored; bump when that changes so older pairs_ref dirs read as stale.
@@ -55,7 +55,7 @@ def _conditions(values: list, sids: list, column: str) -> list:
 class ReferenceScorer:
     """Ray Data actor holding the frozen base model; pairs batch -> batch + ref_logp_pos/neg/null."""
 
-    def __init__(self, checkpoint: str, family: str | None, dtype: str, codebook_size: int, grid: tuple[int, int],
+    def __init__(self, checkpoint: str, load_options: dict, dtype: str, codebook_size: int, grid: tuple[int, int],
                  code_shape: tuple[int, ...] | None = None):
         import torch
 
@@ -63,7 +63,7 @@ class ReferenceScorer:
 
         self.torch = torch
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = load_model(checkpoint, family=family, device=device, dtype=dtype)
+        self.model = load_model(checkpoint, **load_options, device=device, dtype=dtype)
         self.model.module.eval()
         self.grid = tuple(grid)
         self.code_shape = tuple(code_shape or grid)
@@ -129,7 +129,8 @@ def reference_pass(cfg, checkpoint: str | Path | None = None, data_dir: str | Pa
         ds = read_dataset(data_dir / "pairs", as_ray=True)
     ds = ds.map_batches(
         ReferenceScorer, batch_format="pyarrow", batch_size=d.reference_batch_size,
-        fn_constructor_kwargs=dict(checkpoint=str(checkpoint), family=cfg.model.family, dtype=cfg.model.dtype,
+        fn_constructor_kwargs=dict(checkpoint=str(checkpoint), load_options=loader_options(cfg.model, checkpoint),
+                                   dtype=cfg.model.dtype,
                                    codebook_size=int(pm["codebook_size"]), grid=tuple(pm["grid"]),
                                    code_shape=(pm.get("tokenizer") or {}).get("code_shape")),
         compute=ActorPoolStrategy(size=d.reference_workers), num_gpus=d.reference_num_gpus or None,

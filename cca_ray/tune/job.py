@@ -26,6 +26,7 @@ from cca_ray import tracking
 from cca_ray.config import Config, ConfigError, with_overrides
 from cca_ray.evaluate.job import cfg_curve, eval_setup, evaluate_model
 from cca_ray.evaluate.report import format_table, to_csv, trade_off_plot
+from cca_ray.models import loader_options
 from cca_ray.tune.sweep import finished_export, load_space, run_asha
 
 # -- reporting --------------------------------------------------------------------------
@@ -94,7 +95,8 @@ def run_main_job(cfg: Config) -> dict:
     for res in grid:
         trial_id = (res.metrics or {}).get("trial_id")
         export = finished_export(trials_dir / f"trial-{trial_id}", cfg.base_model_dir, zero_stage=cfg.train.zero_stage,
-                                 dtype=cfg.model.dtype) if trial_id else None
+                                 dtype=cfg.model.dtype,
+                                 load_options=loader_options(cfg.model, cfg.base_model_dir)) if trial_id else None
         if export is None:
             continue  # stopped early by ASHA (or failed): only its proxy history counts
         m, imgs = evaluate_model(setup, export, guidance=0.0, n=n)

@@ -89,7 +89,8 @@ def trial_fn(config: dict, ctx: dict) -> None:
                  parent_run_id=ctx["parent_run_id"])
 
 
-def finished_export(trial_dir: Path, model_dir: Path, *, zero_stage: int, dtype: str) -> Path | None:
+def finished_export(trial_dir: Path, model_dir: Path, *, zero_stage: int, dtype: str,
+                    load_options: dict | None = None) -> Path | None:
     """The trial's exported model; for a trial that trained to the end but was stopped by ASHA at its
     last report (before the driver's export), export its final checkpoint now. None if it stopped early."""
     from cca_ray.train import checkpoint as ckpt
@@ -109,7 +110,7 @@ def finished_export(trial_dir: Path, model_dir: Path, *, zero_stage: int, dtype:
     if state.get("total_steps") is None or state["step"] < state["total_steps"]:
         return None
     print(f"  {trial_dir.name}: trained to the end, stopped at its last report; exporting {last.name}", flush=True)
-    return ckpt.export_model(last, model_dir, export, zero_stage=zero_stage, dtype=dtype)
+    return ckpt.export_model(last, model_dir, export, zero_stage=zero_stage, dtype=dtype, load_options=load_options)
 
 
 def run_asha(cfg: Config, setup: EvalSetup, space: dict, sweep_dir: Path, parent_run_id: str):
