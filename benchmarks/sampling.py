@@ -17,6 +17,7 @@ rows) and with the batch.
     python benchmarks/sampling.py                       # ~50M-parameter Emu3 (8 layers, hidden 512), batch 16, grids 8 and 16
     python benchmarks/sampling.py --grids 16 --skip-hf  # one grid, our two paths only
     python benchmarks/sampling.py --preset demo         # the demo's tiny model size and grid
+    python benchmarks/sampling.py --family llamagen --official-llamagen PATH   # LlamaGen: benchmarks/sampling_llamagen.py
 """
 
 from __future__ import annotations
@@ -77,7 +78,20 @@ def hf_generate_cfg(model, prompts, grid, guidance, seed):
     )
 
 
+def _family(argv):
+    """--family emu3 (this module) or llamagen (benchmarks/sampling_llamagen.py); the rest of argv."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--family", choices=["emu3", "llamagen"], default="emu3")
+    known, rest = pre.parse_known_args(argv)
+    return known.family, rest
+
+
 def main(argv=None) -> None:
+    family, rest = _family(argv)
+    if family == "llamagen":  # its own module: our sampler vs LlamaGen's generate() on the same weights
+        import sampling_llamagen
+
+        raise SystemExit(sampling_llamagen.main(rest))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", help="take model size, codebook and grid from this preset (default: the ~50M model)")
     p.add_argument("--layers", type=int, default=8)
@@ -89,7 +103,7 @@ def main(argv=None) -> None:
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--skip-hf", action="store_true", help="skip transformers generate() (slow)")
-    args = p.parse_args(argv)
+    args = p.parse_args(rest)
 
     from cca_ray.config import ModelConfig, load_config
     from cca_ray.models import build_tiny_model, load_model

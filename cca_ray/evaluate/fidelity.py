@@ -140,7 +140,7 @@ def compute_metrics(
 
     Returns a flat dict: fid, isc_mean, isc_std, kid_mean, kid_std, precision, recall, f_score (those
     asked for in ``metrics``), accuracy (when ``labels``, int [N], the conditions the samples were drawn
-    for, are given), and the comparability keys n, n_ref, reference, extractor, kid_subset_size.
+    for, are given and the extractor has a classifier head for them), and the comparability keys n, n_ref, reference, extractor, kid_subset_size.
     KID's subset size is clamped to min(N, n_ref) and the value used is reported.
     """
     unknown = set(metrics) - set(ALL_METRICS)
@@ -177,7 +177,7 @@ def compute_metrics(
     out.update(n=n, n_ref=reference.n, reference=reference.name, extractor=extractor.fidelity_name)
     if "kid" in metrics:
         out["kid_subset_size"] = kid_subset_size
-    if labels is not None:
+    if labels is not None and extractor.num_classes is not None:  # only an extractor with a classifier head
         out["accuracy"] = condition_accuracy(fake.images, labels, extractor)
     return out
 

@@ -61,10 +61,19 @@ def eval_setup(cfg: Config, progress: bool = True) -> EvalSetup:
     from cca_ray.evaluate.extractors import extractor_from_config
     from cca_ray.evaluate.fidelity import prepare_reference
 
-    train_x, train_y = real_split(cfg, "train")
+    from cca_ray.evaluate.reference_stats import resize_images, stats_reference
+
+    # only mnist-cnn trains on the real train split (reading ImageNet's into memory would not fit)
+    train_x, train_y = real_split(cfg, "train") if cfg.eval.extractor == "mnist-cnn" else (None, None)
     ext = extractor_from_config(cfg, train_x, train_y, progress=progress)
-    hold_x, _ = real_split(cfg, "holdout")
-    ref = prepare_reference(hold_x, ext, dataset=f"{cfg.data.source}-holdout")
+
+    def holdout():
+        return resize_images(real_split(cfg, "holdout")[0], cfg.eval.image_size)
+
+    if cfg.eval.reference_stats:  # FID against precomputed statistics (ADM's ImageNet batch)
+        ref = stats_reference(cfg.eval.reference_stats, ext, fallback_images=holdout)
+    else:
+        ref = prepare_reference(holdout(), ext, dataset=f"{cfg.data.source}-holdout")
     return EvalSetup(cfg, ext, ref, label_prompts(cfg), cfg.data_dir / "tokenizer", condition_kind(cfg.model.family))
 
 
@@ -90,6 +99,10 @@ def evaluate_model(
     else:
         images = sample_parallel(model_path, setup.tokenizer_dir, conds, workers=cfg.eval.workers,
                                  load_options=loader_options(cfg.model, model_path), **kw)
+    if cfg.eval.image_size:
+        from cca_ray.evaluate.reference_stats import resize_images
+
+        images = resize_images(images, cfg.eval.image_size)
     out = compute_metrics(
         images, setup.reference, setup.extractor, kid_subset_size=cfg.eval.kid_subset_size,
         prc_neighborhood=cfg.eval.prc_neighborhood, metrics=tuple(metrics or ALL_METRICS), labels=labels,
@@ -105,7 +118,8 @@ def cfg_curve(setup: EvalSetup, model_path, scales, n: int | None = None, log=pr
     for s in scales:
         m, _ = evaluate_model(setup, model_path, guidance=float(s), n=n)
         rows.append(m)
-        log(f"  guidance {s:<5g} FID {m['fid']:8.3f}  IS {m['isc_mean']:6.3f}  acc {m['accuracy']:.3f}")
+        acc = f"  acc {m['accuracy']:.3f}" if "accuracy" in m else ""
+        log(f"  guidance {s:<5g} FID {m['fid']:8.3f}  IS {m['isc_mean']:6.3f}{acc}")
     return rows
 
 
@@ -135,7 +149,7 @@ def main(argv=None) -> None:
     run_id = tracking.start_run(cfg.mlflow_uri, cfg.experiment, f"evaluate-{model_path.name}",
                                 artifact_root=cfg.root / "mlartifacts", tags={"stage": "evaluate", "model": str(model_path)})
     for i, r in enumerate(rows):
-        tracking.log_metrics(cfg.mlflow_uri, run_id, {k: r[k] for k in ("fid", "isc_mean", "kid_mean", "precision",
+        tracking.log_metrics(cfg.mlflow_uri, run_id, {k: r.get(k) for k in ("fid", "isc_mean", "kid_mean", "precision",
                                                                         "recall", "accuracy", "guidance")}, step=i)
     tracking.log_text(cfg.mlflow_uri, run_id, table, "results.md")
     tracking.end_run(cfg.mlflow_uri, run_id)

@@ -36,7 +36,7 @@ def log_samples(cfg: Config, run_id: str, images, metrics: dict) -> None:
     grid = tracking.image_grid(images[:100], ncols=10)
     c = tracking.client(cfg.mlflow_uri)
     c.log_image(run_id, grid if grid.shape[-1] == 3 else grid[..., 0], "samples_guidance_free.png")
-    tracking.log_metrics(cfg.mlflow_uri, run_id, {f"final_{k}": metrics[k] for k in
+    tracking.log_metrics(cfg.mlflow_uri, run_id, {f"final_{k}": metrics.get(k) for k in
                                                   ("fid", "isc_mean", "kid_mean", "precision", "recall", "accuracy")},
                          step=0)
 
@@ -128,9 +128,9 @@ def run_main_job(cfg: Config) -> dict:
     c.log_artifact(parent, str(sweep_dir / "results.md"))
     c.log_artifact(parent, str(sweep_dir / "results.csv"))
     for i, r in enumerate(cfg_rows):
-        tracking.log_metrics(uri, parent, {f"cfg_{k}": r[k] for k in ("fid", "isc_mean", "precision", "recall",
+        tracking.log_metrics(uri, parent, {f"cfg_{k}": r.get(k) for k in ("fid", "isc_mean", "precision", "recall",
                                                                         "accuracy", "guidance")}, step=i)
-    tracking.log_metrics(uri, parent, {f"best_{k}": best[k] for k in ("fid", "isc_mean", "precision", "recall",
+    tracking.log_metrics(uri, parent, {f"best_{k}": best.get(k) for k in ("fid", "isc_mean", "precision", "recall",
                                                                         "accuracy")}, step=0)
     model_uri = register_best(cfg, best["run_id"] or parent, Path(best["export"]), f"{cfg.experiment}-best")
     tracking.end_run(uri, parent)

@@ -66,7 +66,7 @@ class FidProxy:
         cfg = self.setup.cfg
         m, _ = evaluate_model(self.setup, None, guidance=0.0, n=cfg.eval.proxy_num_samples, metrics=("fid",),
                               model=trainer.adapter)
-        return {"fid_proxy": m["fid"], "acc_proxy": m["accuracy"]}
+        return {"fid_proxy": m["fid"], **({"acc_proxy": m["accuracy"]} if "accuracy" in m else {})}
 
 
 def trial_fn(config: dict, ctx: dict) -> None:
