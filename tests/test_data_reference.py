@@ -44,7 +44,7 @@ def test_scorer_scores_real_prompts_whatever_the_null_flags_and_adds_ref_logp_nu
                       "prompt": pos, "neg_prompt": neg, "source_id": [f"s{i}" for i in range(n)],
                       "pos_null": [True, False, True, False, False, True],
                       "neg_null": [False, True, True, False, True, False]})
-    scored = ReferenceScorer(str(tiny_model), "emu3", "float32", CODEBOOK, GRID)(table)
+    scored = ReferenceScorer(str(tiny_model), {}, "float32", CODEBOOK, GRID)(table)
     for name in ("ref_logp_pos", "ref_logp_neg", "ref_logp_null"):
         assert scored.schema.field(name).type == PAIRS_REF_SCHEMA.field(name).type == pa.float32()
 

@@ -66,6 +66,54 @@ def test_loader_options_for_a_released_file_and_for_a_saved_dir(tmp_path):
     assert loader_options(load_config("smoke").model, tmp_path / "hf_dir") == {"family": "emu3"}
 
 
+# -- the trainer on LlamaGen's GPT (DeepSpeed in one process, as in test_train.py) ----------------
+@pytest.fixture(scope="module")
+def process_group():
+    import torch.distributed as dist
+
+    from cca_ray.train.recipe import local_process_group
+
+    local_process_group()
+    yield
+    dist.destroy_process_group()
+
+
+def label_rows(n=32, seed=0):
+    """Pairs as the data stage writes them for a class-labelled dataset: class ids, a different negative class."""
+    from cca_ray.train.batches import TrainRows
+
+    rng = np.random.default_rng(seed)
+    lab = rng.integers(0, CLASSES, n)
+    neg = (lab + rng.integers(1, CLASSES, n)) % CLASSES
+    return TrainRows(codes=rng.integers(0, K, (n, 4, 4)).astype(np.int32), cond=lab.tolist(), neg_cond=neg.tolist(),
+                     pos_null=rng.random(n) < 0.25, neg_null=rng.random(n) < 0.25, source="synthetic")
+
+
+@pytest.mark.parametrize("section, objective", [("train", "cca_cfg"), ("train", "cca"), ("pretrain", "sft")])
+def test_trainer_moves_every_llamagen_weight_and_never_the_reference(process_group, tmp_path, section, objective):
+    """LlamaGen's GPT has no dropout: the trainer's null flags (cca_cfg) and condition dropout (sft) reach it
+    as the null class. A few steps at a high lr change every parameter, the frozen reference none."""
+    from cca_ray.models import build_tiny_model
+    from cca_ray.train.recipe import Trainer
+
+    cfg = load_config("llamagen-smoke", overrides=[f"{section}.objective={objective}", f"{section}.lr=0.01",
+                                                   f"{section}.max_steps=3", f"{section}.micro_batch_size=4",
+                                                   f"{section}.grad_accum=2", "pretrain.cond_dropout=0.5"])
+    model_dir = build_tiny_model(tmp_path / "base", cfg.model, codebook_size=K, num_classes=CLASSES, grid=(4, 4))
+    tr = Trainer(cfg, section, model_dir=model_dir, data=label_rows()).setup()
+    before = {n: p.detach().clone() for n, p in tr.engine.module.named_parameters()}
+    ref0 = {n: p.detach().clone() for n, p in tr.ref_engine.module.named_parameters()} if tr.ref_engine else {}
+    metrics = tr.train()
+    assert tr.step == 3 and np.isfinite(metrics["loss"])
+    unchanged = [n for n, p in tr.engine.module.named_parameters() if torch.equal(before[n], p)]
+    assert not unchanged, unchanged
+    table = "cls_embedding.embedding_table.weight"  # its last row is the null class
+    null_moved = not torch.equal(before[table][CLASSES], dict(tr.engine.module.named_parameters())[table][CLASSES])
+    assert null_moved == (objective != "cca")  # null flags (cca_cfg) and condition dropout (sft) reach it; cca's never
+    assert all(torch.equal(ref0[n], p) for n, p in tr.ref_engine.module.named_parameters()) if ref0 else True
+    assert (objective == "sft") == (tr.ref_engine is None)
+
+
 # -- the stages, end to end -----------------------------------------------------------------
 def _cli(args, cwd, timeout=900):
     r = subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,

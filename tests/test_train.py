@@ -192,7 +192,7 @@ def test_precomputed_reference_gives_the_online_loss(process_group, tiny_model):
     table = pa.table({"codes": pa.array([c.ravel().tolist() for c in data.codes], pa.list_(pa.int32())),
                       "prompt": data.cond, "neg_prompt": data.neg_cond, "pos_null": data.pos_null,
                       "neg_null": data.neg_null, "source_id": [f"s{i}" for i in range(16)]})
-    scored = ReferenceScorer(str(tiny_model), "emu3", "float32", CODEBOOK, GRID)(table)
+    scored = ReferenceScorer(str(tiny_model), {}, "float32", CODEBOOK, GRID)(table)
     cols = {k: scored.column(k).to_numpy() for k in ("ref_logp_pos", "ref_logp_neg", "ref_logp_null")}
     ref_data = TrainRows(**{**data.__dict__, **cols})
     online = Trainer(smoke_cfg("train.objective=cca_cfg", "train.lr=0.01"), "train", model_dir=tiny_model,

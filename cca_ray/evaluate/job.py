@@ -60,7 +60,6 @@ def label_prompts(cfg: Config) -> dict[int, str]:
 def eval_setup(cfg: Config, progress: bool = True) -> EvalSetup:
     from cca_ray.evaluate.extractors import extractor_from_config
     from cca_ray.evaluate.fidelity import prepare_reference
-
     from cca_ray.evaluate.reference_stats import resize_images, stats_reference
 
     # only mnist-cnn trains on the real train split (reading ImageNet's into memory would not fit)
