@@ -15,6 +15,7 @@ reported.
 
     python benchmarks/sampling.py --family llamagen --official-llamagen ~/src/LlamaGen
     python benchmarks/sampling.py --family llamagen --official-llamagen PATH --gpt-model GPT-L --image-size 384
+    python benchmarks/sampling.py --family llamagen --official-llamagen PATH --threads 1 --repeats 2   # busy CPU
 """
 
 from __future__ import annotations
@@ -56,7 +57,11 @@ def main(argv=None) -> int:
     p.add_argument("--cfg-scale", type=float, default=2.0, help="LlamaGen's cfg_scale (ours: guidance = cfg_scale - 1)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch threads (default torch's; on a busy shared CPU 1 is far "
+                   "steadier: idle-spinning OpenMP threads measured 12x slower matmuls there)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.official_llamagen is None:
         print("no --official-llamagen PATH given: skipping the LlamaGen comparison")
         return 0
