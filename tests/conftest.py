@@ -30,3 +30,18 @@ def ray_local():
         else:
             os.environ[k] = v
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def process_group():
+    """One single-process gloo group (what Ray Train sets up per worker) for the whole session: DeepSpeed
+    keeps the first group it saw, so a group destroyed and re-created between test modules breaks the
+    engines of the later module ("Group ... is not registered")."""
+    import torch.distributed as dist
+
+    from cca_ray.train.recipe import local_process_group
+
+    local_process_group()
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -66,18 +66,7 @@ def test_loader_options_for_a_released_file_and_for_a_saved_dir(tmp_path):
     assert loader_options(load_config("smoke").model, tmp_path / "hf_dir") == {"family": "emu3"}
 
 
-# -- the trainer on LlamaGen's GPT (DeepSpeed in one process, as in test_train.py) ----------------
-@pytest.fixture(scope="module")
-def process_group():
-    import torch.distributed as dist
-
-    from cca_ray.train.recipe import local_process_group
-
-    local_process_group()
-    yield
-    dist.destroy_process_group()
-
-
+# -- the trainer on LlamaGen's GPT (DeepSpeed in one process: conftest's process_group) ------
 def label_rows(n=32, seed=0):
     """Pairs as the data stage writes them for a class-labelled dataset: class ids, a different negative class."""
     from cca_ray.train.batches import TrainRows

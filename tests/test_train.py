@@ -12,7 +12,7 @@ import torch
 
 from cca_ray.train import checkpoint as ckpt
 from cca_ray.config import load_config
-from cca_ray.train.recipe import Trainer, deepspeed_config, local_process_group, lr_factor, reference_config
+from cca_ray.train.recipe import Trainer, deepspeed_config, lr_factor, reference_config
 from cca_ray.train.batches import (BatchPlan, TrainDataError, TrainRows, check_reference_columns, make_micro_batch,
                                  total_steps)
 
@@ -142,15 +142,6 @@ def test_read_rows_reads_pairs_ref_through_the_data_package(tmp_path):
 
 
 # -- DeepSpeed in one process --------------------------------------------------------------
-@pytest.fixture(scope="module")
-def process_group():
-    import torch.distributed as dist
-
-    local_process_group()
-    yield
-    dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     from cca_ray.models import build_tiny_model
