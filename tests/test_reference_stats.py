@@ -141,3 +141,11 @@ def test_resize_is_bicubic_and_a_no_op_at_the_same_size():
     assert small.shape == (3, 32, 32, 3) and small.dtype == np.uint8
     flat = np.full((1, 48, 48, 3), 77, np.uint8)
     assert (resize_images(flat, 32) == 77).all()  # a constant image stays constant
+
+
+def test_reference_stats_path_is_absolute_once_loaded(tmp_path, monkeypatch):
+    from cca_ray.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("llamagen-l-a100", overrides=["eval.reference_stats=stats/ref.npz"])
+    assert cfg.eval.reference_stats == str(tmp_path / "stats" / "ref.npz")

@@ -8,6 +8,10 @@ another's dependencies):
     build_tiny(out_dir, model_cfg, *, codebook_size, prompts, num_classes, grid) -> Path
                                                                     a random-init model in the real layout
 
+A stage loads a configured model with `load_model(path, **loader_options(cfg.model, path))`: a family's
+options for released files live in the config block model.<family> (model.llamagen), named as its
+loader's keyword arguments.
+
 A new family: a folder models/<family>/ with an adapter implementing base.ARVisualModel, an
 entry here, its image tokenizer in cca_ray.tokenizers.TOKENIZERS, and a `<family>-smoke` preset.
 """
