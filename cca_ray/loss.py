@@ -222,6 +222,12 @@ def objective_loss(objective: str, batch_logps: Mapping[str, Tensor], *, beta: f
     unlearning only the two policy ones. ``neg_is_null`` is used by "cca_cfg" only.
     Metric sums always hold ``loss_sum``/``count_rows`` and, when all four logps are
     given, the :func:`preference_metric_sums`; reduce with :func:`finalize_metrics`.
+
+    "cca" and "cca_cfg" return :func:`cca_loss` / max(λ, 1), as the reference code
+    (thu-ml/CCA LlamaGen_finetune.py) optimises: the λ-weighted negative term then keeps the
+    gradient norm of the same order for every λ, so one ``grad_clip`` (1.0) means the same
+    thing at λ = 1 and λ = 1000. Adam's update is invariant to the constant factor; clipping
+    is not. ``loss_sum`` holds the loss as optimised (divided).
     """
     needs = {
         "sft": ("policy_logp_pos",),
@@ -247,6 +253,7 @@ def objective_loss(objective: str, batch_logps: Mapping[str, Tensor], *, beta: f
     else:
         loss = cca_loss(b["policy_logp_pos"], b["ref_logp_pos"], b["policy_logp_neg"], b["ref_logp_neg"],
                         beta=beta, lam=lam, neg_is_null=b["neg_is_null"] if objective == "cca_cfg" else None)
+        loss = loss / max(float(lam), 1.0)
 
     k = b["policy_logp_pos"].shape[0]
     metrics = {"loss_sum": loss.detach().float() * k,

@@ -214,8 +214,9 @@ def test_objective_loss_dispatch():
         "sft": sft_loss(pol_pos, 16),
         "unlearning": unlearning_loss(pol_pos, pol_neg, lam_u=0.1, num_tokens=16),
         "dpo": dpo_loss(pol_pos, ref_pos, pol_neg, ref_neg, beta=0.5),
-        "cca": cca_loss(pol_pos, ref_pos, pol_neg, ref_neg, beta=0.5, lam=2.0),
-        "cca_cfg": cca_loss(pol_pos, ref_pos, pol_neg, ref_neg, beta=0.5, lam=2.0, neg_is_null=null),
+        # the trainer's CCA objectives are divided by max(λ, 1) = 2, as the reference code does
+        "cca": cca_loss(pol_pos, ref_pos, pol_neg, ref_neg, beta=0.5, lam=2.0) / 2,
+        "cca_cfg": cca_loss(pol_pos, ref_pos, pol_neg, ref_neg, beta=0.5, lam=2.0, neg_is_null=null) / 2,
     }
     assert set(expected) == set(OBJECTIVES)
     assert expected["cca"].item() != pytest.approx(expected["cca_cfg"].item())
@@ -229,6 +230,24 @@ def test_objective_loss_dispatch():
     # sft needs only the positive policy logps.
     loss, metrics = objective_loss("sft", {"policy_logp_pos": pol_pos}, **kw)
     assert set(finalize_metrics(metrics)) == {"loss"}
+
+
+def test_cca_objective_gradient_norm_does_not_grow_with_lambda():
+    """Divided by max(λ, 1), the gradient w.r.t. the policy log-probs is bounded by β·(1/λ + 1) per row:
+    at Δ = 0, d/dΔneg of λ·(−log σ(−βΔneg))/λ = β·σ(0) = β/2 whatever λ, so the norm is the same at
+    λ = 10, 300 and 1000 (to the 1/λ share of the positive term), while the undivided loss's grows ~λ."""
+    norms = {}
+    for lam in (10.0, 300.0, 1000.0):
+        pol_pos, pol_neg = torch.zeros(4, requires_grad=True), torch.zeros(4, requires_grad=True)
+        batch = dict(policy_logp_pos=pol_pos, ref_logp_pos=torch.zeros(4), policy_logp_neg=pol_neg,
+                     ref_logp_neg=torch.zeros(4), neg_is_null=None)
+        loss, _ = objective_loss("cca", batch, beta=0.1, lam=lam, lam_unlearning=0.0, num_tokens=4)
+        loss.backward()
+        norms[lam] = torch.cat([pol_pos.grad, pol_neg.grad]).norm().item()
+        # per row: pos grad −β/2/(4λ), neg grad +β/2/4 (mean over 4 rows)
+        assert pol_neg.grad.tolist() == pytest.approx([0.1 / 2 / 4] * 4)
+        assert pol_pos.grad.tolist() == pytest.approx([-0.1 / 2 / 4 / lam] * 4)
+    assert norms[1000.0] / norms[10.0] == pytest.approx(1.0, abs=0.01)
 
 
 def test_objectives_match_config_choices():
