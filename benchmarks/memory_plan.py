@@ -14,9 +14,10 @@ tiny `model.*` sizes. Bytes per trainable parameter, as DeepSpeed lays them out 
 Activations: the trainer feeds one forward of 2 * micro_batch_size sequences (positives and their
 negatives). With gradient checkpointing each layer keeps its bf16 input, and one layer at a time is
 recomputed in backward; the visual-slice head forms [rows, image tokens, codebook] logits in bf16,
-casts them to fp32 and keeps the fp32 log-softmax for backward. ZeRO-3 also holds gathered
-parameters: the embedding, lm_head (registered as an external parameter of the scorer, so it stays
-gathered through the forward) and the prefetched next layer. Estimates, not measurements: keep
+casts them to fp32 and keeps the fp32 log-softmax for backward. Only the codebook's rows of lm_head
+train (the visual-only head, cca_ray.models.emu3.adapter.Emu3Scorer); its text rows are frozen
+weights without gradients or Adam state. ZeRO-3 also holds gathered parameters: the embedding, the
+visual head and the current plus prefetched layer. Estimates, not measurements: keep
 ~10-15% headroom for allocator fragmentation.
 """
 
@@ -48,9 +49,12 @@ class Arch:
         kv = self.hidden * self.hidden * self.kv_heads // self.heads
         return 2 * self.hidden * self.hidden + 2 * kv + 3 * self.hidden * self.intermediate + 2 * self.hidden
 
-    @property
-    def trainable(self) -> int:
-        return self.layers * self.layer_params + 2 * self.vocab * self.hidden + self.hidden  # + embed, lm_head, norm
+    def trainable(self, codebook: int) -> int:
+        """Trained parameters: layers, embedding, the visual-only head (codebook rows of lm_head), final norm."""
+        return self.layers * self.layer_params + (self.vocab + codebook) * self.hidden + self.hidden
+
+    def frozen_head(self, codebook: int) -> int:
+        return (self.vocab - codebook) * self.hidden
 
 
 def arch_of(cfg) -> tuple[Arch, str]:
@@ -71,17 +75,19 @@ def arch_of(cfg) -> tuple[Arch, str]:
 def plan(arch: Arch, tc, model_cfg, *, world: int, image_tokens: tuple[int, int], prompt_tokens: int,
          codebook: int, overhead_gib: float = 2.5) -> dict[str, float]:
     """Bytes per GPU by component. image_tokens = grid (h, w); sequence = prompt + prefix + h*(w+1)."""
-    p, z = arch.trainable, tc.zero_stage
+    p, z = arch.trainable(codebook), tc.zero_stage
     w_bytes = 2 if tc.bf16 else 4
     out = {}
     out["weights (trainable)"] = p * w_bytes / (world if z == 3 else 1)
-    out["weights (frozen VQ-VAE)"] = arch.frozen * w_bytes / (world if z == 3 else 1)
+    out["weights (frozen VQ-VAE, lm_head text rows)"] = ((arch.frozen + arch.frozen_head(codebook)) * w_bytes
+                                                         / (world if z == 3 else 1))
     out["gradients"] = p * w_bytes / (world if z >= 2 else 1)
     out["optimizer (master + Adam m, v)"] = p * ((4 if tc.bf16 else 0) + 8) / (world if z >= 1 else 1)
     ref = tc.reference == "online" and tc.objective in ("cca", "cca_cfg", "dpo")
-    out["reference model"] = (p + arch.frozen) * w_bytes / (world if z == 3 else 1) if ref else 0.0
-    if z == 3:  # gathered at once: embedding, lm_head (external param of the scorer), current + prefetched layer
-        out["ZeRO-3 gathered params"] = (2 * arch.vocab * arch.hidden + 2 * arch.layer_params) * w_bytes
+    whole = p + arch.frozen + arch.frozen_head(codebook)
+    out["reference model"] = whole * w_bytes / (world if z == 3 else 1) if ref else 0.0
+    if z == 3:  # gathered at once: embedding, visual head, current + prefetched layer
+        out["ZeRO-3 gathered params"] = ((arch.vocab + codebook) * arch.hidden + 2 * arch.layer_params) * w_bytes
     h, w = image_tokens
     rows = 2 * tc.micro_batch_size if tc.objective != "sft" else tc.micro_batch_size
     seq = prompt_tokens + 8 + h * (w + 1)
@@ -131,8 +137,9 @@ def main() -> None:
     kw = {"world": world, "image_tokens": grid, "prompt_tokens": cfg.model.max_prompt_tokens,
               "codebook": cfg.tokenizer.codebook_size}
 
-    print(f"preset {args.preset}: {arch.trainable / 1e9:.2f}B trainable + {arch.frozen / 1e9:.2f}B frozen parameters "
-          f"({arch_src})")
+    cb = cfg.tokenizer.codebook_size
+    print(f"preset {args.preset}: {arch.trainable(cb) / 1e9:.2f}B trainable + "
+          f"{(arch.frozen + arch.frozen_head(cb)) / 1e9:.2f}B frozen parameters (VQ-VAE, lm_head text rows) ({arch_src})")
     print(f"{args.nodes} node(s) x {args.gpus_per_node} GPUs = {world} ranks, ZeRO-{tc.zero_stage}, "
           f"{'bf16' if tc.bf16 else 'fp32'}, gradient checkpointing {cfg.model.gradient_checkpointing}, "
           f"reference {tc.reference}; {grid[0]}x{grid[1]} image tokens + <= {cfg.model.max_prompt_tokens} prompt tokens")

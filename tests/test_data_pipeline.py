@@ -142,7 +142,15 @@ def test_reference_pass_and_verification(smoke, tmp_path):
 
     prompts = [digit_prompt(i) for i in range(10)]
     base = build_tiny_model(tmp_path / "base", smoke.model, codebook_size=32, prompts=prompts)
+    # smoke trains cca, which never reads ref_logp_null: not scored (one forward less per pair)
     m = reference_pass(smoke, base)
+    assert m["reference"]["null_scored"] is False
+    ref = read_dataset(smoke.data_dir / "pairs_ref")
+    assert ref["ref_logp_null"].null_count == len(ref) and ref["ref_logp_pos"].null_count == 0
+    with pytest.raises(ReferenceMismatchError, match="ref_logp_null was not scored"):
+        verify_reference(smoke.data_dir / "pairs_ref", base, smoke.data_dir / "pairs", need_null=True)
+    m = reference_pass(smoke, base, score_null=True)  # what cca_cfg asks for: re-scored with the null column
+    assert m["reference"]["null_scored"] is True
     assert m["reference"]["checkpoint_id"].startswith("sha256:")
     assert m["reference"]["version"] == REFERENCE_VERSION
     ref = read_dataset(smoke.data_dir / "pairs_ref")
@@ -162,7 +170,7 @@ def test_reference_pass_and_verification(smoke, tmp_path):
             np.testing.assert_allclose([r[name] for r in rows], want, rtol=1e-4, atol=1e-3, err_msg=name)
 
     assert verify_reference(smoke.data_dir / "pairs_ref", base, smoke.data_dir / "pairs")["reference"]["path"]
-    assert reference_pass(smoke, base)["created"] == m["created"]  # up to date: not recomputed
+    assert reference_pass(smoke, base)["created"] == m["created"]  # up to date (and has null): not recomputed
     # a pairs_ref from the version-1 pass (flags applied, no ref_logp_null) is stale: recomputed
     mf = smoke.data_dir / "pairs_ref" / "manifest.json"
     old = json.loads(mf.read_text())

@@ -64,6 +64,32 @@ def test_scorer_scores_real_prompts_whatever_the_null_flags_and_adds_ref_logp_nu
         assert np.abs(null - want[name].numpy())[flagged].min() > 1e-3, name
 
 
+def test_scorer_leaves_ref_logp_null_all_null_when_no_objective_reads_it(tiny_model):
+    """score_null=False: the column is there (the schema's) and all null; read_rows gives None, and
+    cca_cfg with flagged rows then refuses the data, while cca reads it."""
+    from cca_ray.train.reference import ReferenceScorer
+
+    n = 4
+    codes = np.random.default_rng(1).integers(0, CODEBOOK, (n, *GRID))
+    table = pa.table({"codes": pa.array([c.ravel().tolist() for c in codes], pa.list_(pa.int32())),
+                      "prompt": PROMPTS[:n], "neg_prompt": PROMPTS[1:n] + PROMPTS[:1],
+                      "source_id": [f"s{i}" for i in range(n)], "pos_null": [False] * n, "neg_null": [False] * n})
+    with_null = ReferenceScorer(str(tiny_model), {}, "float32", CODEBOOK, GRID)(table)
+    without = ReferenceScorer(str(tiny_model), {}, "float32", CODEBOOK, GRID, score_null=False)(table)
+    assert without["ref_logp_null"].null_count == n and without.schema.field("ref_logp_null").type == pa.float32()
+    for name in ("ref_logp_pos", "ref_logp_neg"):
+        assert without[name].to_pylist() == with_null[name].to_pylist()
+
+
+def test_verify_reference_refuses_a_pairs_ref_without_null_scores_for_cca_cfg(tmp_path):
+    d = _pairs_ref(tmp_path, {"checkpoint_id": "sha256:aaaa", "null_scored": False})
+    assert verify_reference(d, "sha256:aaaa")  # cca / dpo
+    with pytest.raises(ReferenceMismatchError, match="ref_logp_null was not scored"):
+        verify_reference(d, "sha256:aaaa", need_null=True)
+    assert verify_reference(_pairs_ref(tmp_path / "y", {"checkpoint_id": "sha256:aaaa", "null_scored": True}),
+                            "sha256:aaaa", need_null=True)
+
+
 def _pairs_ref(tmp_path, reference, pairing=None):
     d = tmp_path / "pairs_ref"
     d.mkdir(parents=True, exist_ok=True)

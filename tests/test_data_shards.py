@@ -140,6 +140,33 @@ def test_checkpoint_id_changes_with_weights_not_with_logs(tmp_path):
     assert checkpoint_id(ck) != a
 
 
+def test_checkpoint_id_sees_one_changed_byte_anywhere_in_a_big_file(tmp_path, monkeypatch):
+    """A fine-tune that changes a few rows of one tensor (a visual-only head) must not pass as the
+    reference: every byte is hashed, also past the first read block, and the per-process memo of
+    big files does not hide a rewrite (size, mtime and inode key it)."""
+    from cca_ray.data import fingerprint
+
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "config.json").write_text("{}")
+    w = np.random.default_rng(0).integers(0, 255, 9 * 2**20 + 17, dtype=np.uint8)  # > one 8 MiB block
+    (ck / "model.safetensors").write_bytes(w.tobytes())
+    a = checkpoint_id(ck)
+    for offset in (0, 5 * 2**20 + 3, len(w) - 1):
+        changed = w.copy()
+        changed[offset] ^= 1
+        (ck / "model.safetensors").write_bytes(changed.tobytes())
+        assert checkpoint_id(ck) != a, offset
+    (ck / "model.safetensors").write_bytes(w.tobytes())
+    assert checkpoint_id(ck) == a
+    monkeypatch.setattr(fingerprint, "_MEMO_MIN_BYTES", 0)
+    monkeypatch.setattr(fingerprint, "_SETTLED_S", -1.0)  # memoise at once
+    assert checkpoint_id(ck) == a and fingerprint._memo
+    (ck / "model.safetensors").unlink()  # a new file (new inode) at the same path and size
+    (ck / "model.safetensors").write_bytes(changed.tobytes())
+    assert checkpoint_id(ck) != a
+
+
 def test_load_data_tokenizer_refuses_a_foreign_tokenizer(tmp_path):
     from cca_ray.data import load_data_tokenizer
     from cca_ray.tokenizers.kmeans import KMeansPatchTokenizer

@@ -67,6 +67,37 @@ def test_logprob_equals_full_vocab_reference(model):
     assert torch.allclose(got, expect, atol=1e-4)
 
 
+def test_visual_only_head_scores_and_samples_exactly_as_the_full_head(tmp_path):
+    """split_visual_head: the K visual rows become the only trainable head parameter; log-probs, their
+    gradients w.r.t. the visual rows and greedy samples are bit-identical to the full head's; a state
+    dict holding visual_head loads into an unsplit model by writing those rows into lm_head."""
+    path = build_tiny_model(tmp_path / "m", ModelConfig(hidden_size=32, num_layers=2, num_heads=2,
+                                                        max_prompt_tokens=12), codebook_size=24, prompts=PROMPTS)
+    full, split = load_model(path), load_model(path)
+    assert split.train_visual_head_only() and split.external_parameters() == []
+    assert full.external_parameters() == [full.hf.lm_head.weight]
+    trainable = {n for n, p in split.module.named_parameters() if p.requires_grad}
+    assert "visual_head" in trainable and "hf.lm_head.weight" not in trainable
+    rows = slice(split.visual_offset, split.visual_offset + 24)
+    cond = full.encode_conditions(PROMPTS[:2], GRID)
+    codes = torch.randint(0, 24, (2, *GRID), generator=torch.Generator().manual_seed(3))
+    lp_full, lp_split = full.sequence_logprob(cond, codes), split.sequence_logprob(cond, codes)
+    assert torch.equal(lp_full, lp_split)
+    lp_full.sum().backward(), lp_split.sum().backward()
+    assert torch.equal(full.hf.lm_head.weight.grad[rows], split.module.visual_head.grad)
+    assert torch.equal(full.generate(cond, temperature=1e-4, seed=0), split.generate(cond, temperature=1e-4, seed=0))
+    with torch.no_grad():
+        split.module.visual_head.add_(0.5)
+    state = split.module.state_dict()
+    fresh = load_model(path)
+    fresh.module.load_state_dict(state)
+    assert torch.equal(fresh.hf.lm_head.weight[rows], split.module.visual_head.detach())
+    text = torch.ones(fresh.hf.lm_head.weight.shape[0], dtype=torch.bool)
+    text[rows] = False
+    assert torch.equal(fresh.hf.lm_head.weight[text], full.hf.lm_head.weight[text])
+    assert torch.equal(fresh.sequence_logprob(cond, codes), split.sequence_logprob(cond, codes))
+
+
 def test_logprob_equals_sum_of_sampler_steps(model):
     cond = model.encode_conditions(PROMPTS, GRID)
     out = model.sample(cond, seed=[3, 4, 5])

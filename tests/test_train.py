@@ -135,6 +135,17 @@ def test_read_rows_reads_pairs_ref_through_the_data_package(tmp_path):
     nan = dict(cols, ref_logp_null=np.where(np.arange(10) == 3, np.nan, -52.0))
     with pytest.raises(TrainDataError, match=r"row 3 \(f\.parquet#3\) has a non-finite ref_logp_null"):
         read_rows(write("nan", pa.table(nan, schema=PAIRS_REF_SCHEMA)), pairs=True, reference=True)
+    # the reference pass leaves ref_logp_null all null when no objective reads it: None, so cca_cfg refuses it
+    unscored = read_rows(write("unscored", pa.table(dict(cols, ref_logp_null=[None] * 10), schema=PAIRS_REF_SCHEMA)),
+                         pairs=True, reference=True)
+    assert unscored.ref_logp_null is None and unscored.ref_logp_pos.tolist() == [-50.0] * 10
+    check_reference_columns(unscored, "cca")
+    assert unscored.pos_null.any() or unscored.neg_null.any()
+    with pytest.raises(TrainDataError, match="ref_logp_null"):
+        check_reference_columns(unscored, "cca_cfg")
+    one_missing = dict(cols, ref_logp_null=[None] + [-52.0] * 9)  # a hole in a scored column is an error
+    with pytest.raises(TrainDataError, match=r"row 0 \(f\.parquet#0\) has a non-finite ref_logp_null"):
+        read_rows(write("hole", pa.table(one_missing, schema=PAIRS_REF_SCHEMA)), pairs=True, reference=True)
     old = pa.table({k: v for k, v in cols.items() if k != "ref_logp_null"},
                    schema=pa.schema([f for f in PAIRS_REF_SCHEMA if f.name != "ref_logp_null"]))
     with pytest.raises(DataError, match="missing column.*ref_logp_null"):  # a version-1 pairs_ref
@@ -154,6 +165,16 @@ def _params(module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in module.named_parameters()}
 
 
+def _released_layout(params: dict[str, torch.Tensor], adapter) -> dict[str, torch.Tensor]:
+    """A visual-only-head run's parameters in the released layout: visual_head written into lm_head's rows."""
+    params = dict(params)
+    if "visual_head" in params:
+        head = params["hf.lm_head.weight"].clone()
+        head[adapter.visual_offset : adapter.visual_offset + adapter.codebook_size] = params.pop("visual_head")
+        params["hf.lm_head.weight"] = head
+    return params
+
+
 def test_few_steps_change_every_trainable_parameter_and_no_reference_parameter(process_group, tiny_model):
     cfg = smoke_cfg("train.lr=0.01", "train.max_steps=3")
     tr = Trainer(cfg, "train", model_dir=tiny_model, data=synthetic_rows()).setup()
@@ -164,6 +185,8 @@ def test_few_steps_change_every_trainable_parameter_and_no_reference_parameter(p
         assert np.isfinite(metrics[key]), key
     trainable = {n for n, p in tr.engine.module.named_parameters() if p.requires_grad}
     assert trainable and all(not n.startswith(tr.adapter.frozen_prefixes) for n in trainable)
+    # visual-only head: its K rows train, the full lm_head (text rows) stays frozen
+    assert "visual_head" in trainable and "hf.lm_head.weight" not in trainable
     after = _params(tr.engine.module)
     unchanged = [n for n in trainable if torch.equal(policy0[n], after[n])]
     assert not unchanged, f"trainable parameters that did not move: {unchanged}"
@@ -233,7 +256,14 @@ def test_checkpoint_resume_continues_exactly_and_exports(process_group, tiny_mod
     assert all(torch.equal(pa_[n], pb[n]) for n in pa_), "resumed run diverged from the uninterrupted one"
     out = ckpt.export_model(tmp_path / "ck", tiny_model, tmp_path / "export", zero_stage=2)
     exported = _params(load_model(out).module)
-    assert all(torch.equal(exported[n], at_2[n]) for n in at_2)
+    head, base_head = exported.pop("hf.lm_head.weight"), at_2.pop("hf.lm_head.weight")
+    assert all(torch.equal(exported[n], at_2[n]) for n in at_2 if n != "visual_head")
+    # the trained visual rows are written back into lm_head in the released layout; the text rows are the base's
+    rows = slice(a.adapter.visual_offset, a.adapter.visual_offset + a.adapter.codebook_size)
+    assert torch.equal(head[rows], at_2["visual_head"]) and not torch.equal(head[rows], base_head[rows])
+    keep = torch.ones(head.shape[0], dtype=torch.bool)
+    keep[rows] = False
+    assert torch.equal(head[keep], base_head[keep])
 
 
 def test_a_trial_stopped_after_its_last_step_is_exported_from_its_checkpoint(process_group, tiny_model, tmp_path):
@@ -253,6 +283,6 @@ def test_a_trial_stopped_after_its_last_step_is_exported_from_its_checkpoint(pro
     out = finished_export(trial, tiny_model, zero_stage=2, dtype="float32")
     assert out == trial / "export"
     exported = _params(load_model(out).module)
-    trained = _params(t.engine.module)
-    assert all(torch.equal(exported[n], trained[n]) for n in trained)
+    trained = _released_layout(_params(t.engine.module), t.adapter)
+    assert set(exported) == set(trained) and all(torch.equal(exported[n], trained[n]) for n in trained)
     assert finished_export(trial, tiny_model, zero_stage=2, dtype="float32") == out  # already there: kept

@@ -128,6 +128,10 @@ def read_rows(dataset_dir: str | Path, *, pairs: bool, reference: bool, conditio
             raise TrainDataError(f"{dataset_dir}: row {i} ({sids[i]}) has a non-finite {name} ({arr[i]})")
         return arr
 
+    def optional_floats(name: str) -> np.ndarray | None:
+        # a column the reference pass left all null (ref_logp_null when no objective read it)
+        return None if t.column(name).null_count == len(t) else floats(name)
+
     def flags(name: str) -> np.ndarray:
         return t.column(name).to_numpy(zero_copy_only=False).astype(bool)
 
@@ -140,7 +144,7 @@ def read_rows(dataset_dir: str | Path, *, pairs: bool, reference: bool, conditio
         neg_null=flags("neg_null") if pairs else None,
         ref_logp_pos=floats("ref_logp_pos") if reference else None,
         ref_logp_neg=floats("ref_logp_neg") if reference else None,
-        ref_logp_null=floats("ref_logp_null") if reference else None,
+        ref_logp_null=optional_floats("ref_logp_null") if reference else None,
         source=str(dataset_dir),
         manifest=manifest,
     )

@@ -125,7 +125,7 @@ def run_training(cfg: Config, section: str = "train", *, run_name: str | None = 
     if tc.objective in REFERENCE_OBJECTIVES and tc.reference == "precomputed":
         from cca_ray.train.reference import verify_reference
 
-        verify_reference(data_dir, model_dir, pairs_dir=cfg.data_dir / "pairs")
+        verify_reference(data_dir, model_dir, pairs_dir=cfg.data_dir / "pairs", need_null=tc.objective == "cca_cfg")
     if run_name is None:
         from cca_ray.data.fingerprint import checkpoint_id
 
@@ -182,10 +182,11 @@ def ensure_inputs(cfg: Config, section: str) -> None:
         if not is_checkpoint(cfg.base_model_dir):
             return  # run_training names the missing base model
         try:
-            verify_reference(cfg.data_dir / "pairs_ref", cfg.base_model_dir, pairs_dir=cfg.data_dir / "pairs")
+            verify_reference(cfg.data_dir / "pairs_ref", cfg.base_model_dir, pairs_dir=cfg.data_dir / "pairs",
+                             need_null=tc.objective == "cca_cfg")
         except (ReferenceMismatchError, DataError) as e:
             print(f"scoring the pairs with the base model now, since pairs_ref is not usable: {e}", flush=True)
-            reference_pass(cfg, cfg.base_model_dir)
+            reference_pass(cfg, cfg.base_model_dir, score_null=tc.objective == "cca_cfg")
 
 
 def main(argv=None) -> None:

@@ -179,6 +179,9 @@ class Trainer:
         ds_config = deepspeed_config(tc, self.world_size)
         self.adapter = self._load()
         module = self.adapter.module
+        # Emu3: only the visual rows of lm_head are trained (log-probs read no other row); before the engine exists
+        if hasattr(self.adapter, "train_visual_head_only"):
+            self.adapter.train_visual_head_only()
         if self.cfg.model.gradient_checkpointing:
             self.adapter.enable_gradient_checkpointing()
         ckpt.freeze_untrained(module, self.adapter.frozen_prefixes)

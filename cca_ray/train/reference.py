@@ -9,9 +9,12 @@ float32 nats summed over the image tokens:
     ref_logp_neg  = log p_phi(x | c_neg)    the paired negative prompt, always (whatever neg_null says)
     ref_logp_null = log p_phi(x | "")       the null condition
 
-so the columns serve every objective: cca/dpo read pos/neg as they are; cca_cfg takes
-ref_logp_null wherever a row's pos_null/neg_null flag replaced that condition by ""
-(`cca_ray.train.batches.make_micro_batch`). Costs one extra forward per pair over scoring pos/neg only.
+cca/dpo read pos/neg as they are; cca_cfg takes ref_logp_null wherever a row's pos_null/neg_null
+flag replaced that condition by "" (`cca_ray.train.batches.make_micro_batch`). ref_logp_null costs
+one more forward per pair (50% of the pass), so it is scored only when asked for (`score_null`,
+by default when train.objective is cca_cfg); otherwise the column is all null and the manifest
+says `null_scored: false`, which `verify_reference(..., need_null=True)` refuses (a later cca_cfg
+run re-scores; a pairs_ref with the column serves every objective).
 
 pairs_ref/manifest.json records the reference checkpoint id (`checkpoint_id(path)`), the pairing
 it scored and REFERENCE_VERSION; `verify_reference` is what the trainer calls to refuse columns
@@ -56,7 +59,7 @@ class ReferenceScorer:
     """Ray Data actor holding the frozen base model; pairs batch -> batch + ref_logp_pos/neg/null."""
 
     def __init__(self, checkpoint: str, load_options: dict, dtype: str, codebook_size: int, grid: tuple[int, int],
-                 code_shape: tuple[int, ...] | None = None):
+                 code_shape: tuple[int, ...] | None = None, score_null: bool = True):
         import torch
 
         from cca_ray.models import load_model
@@ -66,6 +69,7 @@ class ReferenceScorer:
         self.model = load_model(checkpoint, **load_options, device=device, dtype=dtype)
         self.model.module.eval()
         self.grid = tuple(grid)
+        self.score_null = score_null
         self.code_shape = tuple(code_shape or grid)
         self.column = "prompt" if self.model.condition_kind == "prompt" else "label"
         if self.model.codebook_size < codebook_size:
@@ -95,17 +99,21 @@ class ReferenceScorer:
                  "ref_logp_null": None}
         t = t.drop_columns([name for name in conds if name in t.column_names])
         for name, prompts in conds.items():
+            if name == "ref_logp_null" and not self.score_null:  # no objective asked for it: all null
+                t = t.append_column(name, pa.nulls(len(t), pa.float32()))
+                continue
             t = t.append_column(name, pa.array(self._logp(prompts, codes, sids), pa.float32()))
         return t
 
 
 def reference_pass(cfg, checkpoint: str | Path | None = None, data_dir: str | Path | None = None,
-                   force: bool = False) -> dict:
+                   force: bool = False, score_null: bool | None = None) -> dict:
     """Score data_dir/pairs with the frozen `checkpoint` (default cfg.base_model_dir) into
     data_dir/pairs_ref, atomically. Workers: data.reference_workers actors, each with
     data.reference_num_gpus GPUs, data.reference_batch_size pairs per call. Skipped (unless
     force) when pairs_ref already holds this checkpoint's scores of the current pairs, made by
-    this REFERENCE_VERSION of the pass.
+    this REFERENCE_VERSION of the pass. `score_null` (default: train.objective is cca_cfg) adds
+    ref_logp_null; a pairs_ref that has it is kept for either value.
     Returns the manifest."""
     from ray.data import ActorPoolStrategy
 
@@ -118,9 +126,11 @@ def reference_pass(cfg, checkpoint: str | Path | None = None, data_dir: str | Pa
         raise DataError(f"{checkpoint}: no model checkpoint (config.json missing) for the reference pass")
     pm = read_manifest(data_dir / "pairs")
     ref_id = checkpoint_id(checkpoint)
+    if score_null is None:
+        score_null = cfg.train.objective == "cca_cfg"
     if not force:
         try:
-            return verify_reference(data_dir / "pairs_ref", ref_id, data_dir / "pairs")
+            return verify_reference(data_dir / "pairs_ref", ref_id, data_dir / "pairs", need_null=score_null)
         except DataError:
             pass  # missing, incomplete or stale: (re)compute
     ensure_ray()
@@ -132,11 +142,12 @@ def reference_pass(cfg, checkpoint: str | Path | None = None, data_dir: str | Pa
         fn_constructor_kwargs=dict(checkpoint=str(checkpoint), load_options=loader_options(cfg.model, checkpoint),
                                    dtype=cfg.model.dtype,
                                    codebook_size=int(pm["codebook_size"]), grid=tuple(pm["grid"]),
-                                   code_shape=(pm.get("tokenizer") or {}).get("code_shape")),
+                                   code_shape=(pm.get("tokenizer") or {}).get("code_shape"), score_null=score_null),
         compute=ActorPoolStrategy(size=d.reference_workers), num_gpus=d.reference_num_gpus or None,
     )
     reference = {"checkpoint_id": ref_id, "path": str(checkpoint), "family": cfg.model.family,
-                 "dtype": cfg.model.dtype, "pairing": pm.get("pairing"), "version": REFERENCE_VERSION}
+                 "dtype": cfg.model.dtype, "pairing": pm.get("pairing"), "version": REFERENCE_VERSION,
+                 "null_scored": bool(score_null)}
 
     def manifest_fn(files):
         m = make_manifest("pairs_ref", pm["tokenizer"], pm["counts"]["rows"], files,
@@ -148,10 +159,12 @@ def reference_pass(cfg, checkpoint: str | Path | None = None, data_dir: str | Pa
     return write_ray_dataset(ds, data_dir / "pairs_ref", manifest_fn, d.shard_rows)
 
 
-def verify_reference(pairs_ref_dir: str | Path, checkpoint: str | Path, pairs_dir: str | Path | None = None) -> dict:
+def verify_reference(pairs_ref_dir: str | Path, checkpoint: str | Path, pairs_dir: str | Path | None = None,
+                     need_null: bool = False) -> dict:
     """Check that pairs_ref's ref_logp_* columns came from `checkpoint` (a path or a
-    'sha256:...' id), from this code's REFERENCE_VERSION of the pass and, if pairs_dir is given,
-    from its current pairing. Returns the manifest; raises ReferenceMismatchError otherwise."""
+    'sha256:...' id), from this code's REFERENCE_VERSION of the pass, if pairs_dir is given,
+    from its current pairing, and if need_null (cca_cfg) that ref_logp_null was scored.
+    Returns the manifest; raises ReferenceMismatchError otherwise."""
     pairs_ref_dir = Path(pairs_ref_dir)
     m = read_manifest(pairs_ref_dir)
     recorded = (m.get("reference") or {}).get("checkpoint_id")
@@ -174,4 +187,7 @@ def verify_reference(pairs_ref_dir: str | Path, checkpoint: str | Path, pairs_di
         if current != m.get("pairing"):
             raise ReferenceMismatchError(f"{pairs_ref_dir}: computed for pairing {m.get('pairing')}, but {pairs_dir} "
                                          f"now holds pairing {current}; re-run the reference pass")
+    if need_null and not m["reference"].get("null_scored", True):
+        raise ReferenceMismatchError(f"{pairs_ref_dir}: ref_logp_null was not scored (no objective then read it); "
+                                     "objective cca_cfg needs it: re-run the reference pass")
     return m

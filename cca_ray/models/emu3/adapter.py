@@ -43,9 +43,14 @@ def visual_token(k: int) -> str:
 class Emu3Scorer(nn.Module):
     """log p(codes | prompt) for a teacher-forced batch: the module DeepSpeed wraps.
 
-    Under ZeRO-3 the trainer registers ``hf.lm_head.weight`` as an external parameter of
-    this module, since the visual-slice product below reads the weight without calling
-    lm_head's own forward.
+    Visual-only head (what the trainer uses, :meth:`split_visual_head`): the K visual rows of
+    ``lm_head.weight`` become their own trainable parameter ``visual_head`` [K, H] and lm_head is
+    frozen. Every log-prob here is a log-softmax over the visual slice only, so the other rows
+    (151,854 of Emu3-Gen's 184,622) never enter training: no gradient, no Adam state, no ZeRO-3
+    gather of the 756M-parameter head per forward. The numbers are unchanged bit for bit (same
+    rows, same product). Loading a state dict that holds ``visual_head`` into an unsplit module
+    writes those rows back into lm_head (the export). Without the split, the trainer registers
+    ``hf.lm_head.weight`` as a ZeRO-3 external parameter, since the product reads it directly.
     """
 
     def __init__(self, hf: nn.Module, visual_offset: int, codebook_size: int):
@@ -53,11 +58,36 @@ class Emu3Scorer(nn.Module):
         self.hf = hf
         self.visual_offset = visual_offset
         self.codebook_size = codebook_size
+        self.visual_head: nn.Parameter | None = None
+
+    def _visual_rows(self) -> slice:
+        return slice(self.visual_offset, self.visual_offset + self.codebook_size)
 
     def visual_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., H] -> logits over the visual slice [..., K]."""
-        w = self.hf.lm_head.weight[self.visual_offset : self.visual_offset + self.codebook_size]
+        w = self.visual_head if self.visual_head is not None else self.hf.lm_head.weight[self._visual_rows()]
         return F.linear(hidden, w)
+
+    def split_visual_head(self) -> bool:
+        """Make the visual rows the only trainable part of the head; False (nothing done) when lm_head
+        is tied to the input embeddings, whose every row is trained."""
+        head = self.hf.lm_head.weight
+        if self.visual_head is not None:
+            return True
+        if head is self.hf.get_input_embeddings().weight:
+            return False
+        self.visual_head = nn.Parameter(head.detach()[self._visual_rows()].clone(), requires_grad=head.requires_grad)
+        head.requires_grad_(False)
+        return True
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        state = dict(state_dict)
+        if self.visual_head is None and "visual_head" in state:  # a visual-only-head run into the full layout
+            vh = state.pop("visual_head")
+            head = state.get("hf.lm_head.weight", self.hf.lm_head.weight).detach().clone()
+            head[self._visual_rows()] = vh.to(head.dtype)
+            state["hf.lm_head.weight"] = head
+        return super().load_state_dict(state, strict=strict, assign=assign)
 
     def forward(self, input_ids, attention_mask, position_ids, target_pos, targets) -> torch.Tensor:
         """input_ids/attention_mask/position_ids [B, T]; target_pos [N] (shared by all rows, the
@@ -133,8 +163,12 @@ class Emu3Adapter:
 
     # -- what the trainer needs to know ---------------------------------------------------
     def external_parameters(self) -> list[nn.Parameter]:
-        # the visual-slice head reads lm_head.weight without calling lm_head's forward
-        return [self.hf.lm_head.weight]
+        # the visual-slice head reads lm_head.weight without calling lm_head's forward (split: it owns its rows)
+        return [] if self.module.visual_head is not None else [self.hf.lm_head.weight]
+
+    def train_visual_head_only(self) -> bool:
+        """The trainer's hook: only the visual rows of the head are trained (Emu3Scorer.split_visual_head)."""
+        return self.module.split_visual_head()
 
     def enable_gradient_checkpointing(self) -> None:
         self.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
