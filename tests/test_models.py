@@ -118,6 +118,39 @@ def test_cfg_at_scale_zero_matches_guidance_free(model):
     assert torch.allclose(free.step_dists[finite], cfg.step_dists[finite], atol=1e-5)
 
 
+def test_unpadded_decode_steps_attend_without_a_mask_and_match_the_masked_steps(model, monkeypatch):
+    """Equal-length prompts leave no row padded: every decode step calls SDPA with attn_mask=None (the
+    flash-eligible call), and its distributions equal the masked path's; padded batches keep the mask."""
+    from cca_ray.models.emu3 import decode as dec
+
+    masks = []
+    sdpa = dec.F.scaled_dot_product_attention
+
+    def spy(*a, **kw):  # torch's own function, so the prefill's (multi-token) calls come here too
+        if a[0].shape[2] == 1:  # a decode step's one-token query
+            masks.append(kw.get("attn_mask"))
+        return sdpa(*a, **kw)
+
+    monkeypatch.setattr(dec.F, "scaled_dot_product_attention", spy)
+    same = model.encode_conditions([PROMPTS[0]] * 2, GRID)
+    assert bool(same.attention_mask.all())
+    free = model.sample(same, seed=0, return_dists=True)
+    assert masks and all(m is None for m in masks)
+    masks.clear()
+    monkeypatch.setattr(dec.KVBackend, "always_mask", True)
+    masked = model.sample(same, seed=0, return_dists=True)
+    assert masks and all(m is not None for m in masks)
+    assert torch.equal(free.codes, masked.codes)
+    finite = torch.isfinite(free.step_dists)
+    assert torch.allclose(free.step_dists[finite], masked.step_dists[finite], atol=1e-5)
+    monkeypatch.setattr(dec.KVBackend, "always_mask", False)
+    masks.clear()
+    padded = model.encode_conditions([PROMPTS[0], ""], GRID)
+    assert not bool(padded.attention_mask.all())
+    model.sample(padded, seed=0)
+    assert masks and all(m is not None for m in masks)
+
+
 def test_guidance_changes_distribution(model):
     cond = model.encode_conditions(PROMPTS, GRID)
     a = model.sample(cond, seed=0, return_dists=True).step_dists

@@ -18,7 +18,14 @@ class KVBackend:
     the unconditional branch saves. Here each step writes its K/V into a buffer sized for
     the whole sequence and attends over a view of it. The numbers are the transformers
     forward's (tests compare both), as long as the model is a plain Emu3/Llama decoder.
+
+    When no row is left-padded (equal-length prompts) a step attends with no mask at all: a
+    one-token query may see every filled slot, and SDPA without a mask can pick the flash and
+    memory-efficient kernels on GPU, which a boolean mask rules out. `always_mask` forces the
+    masked path (tests compare the two).
     """
+
+    always_mask = False
 
     def __init__(self, scorer, max_new_tokens: int):
         from transformers.models.emu3.modeling_emu3 import apply_rotary_pos_emb
@@ -45,6 +52,7 @@ class KVBackend:
                 dst.append(buf)
         self.allow = torch.ones(rows, 1, 1, total, dtype=torch.bool, device=input_ids.device)
         self.allow[:, 0, 0, :length] = attention_mask.bool()  # left padding stays masked
+        self.masked = self.always_mask or not bool(attention_mask.bool().all())
         self.pos = attention_mask.sum(-1) - 1  # position id of each row's last token
         self.t = length  # next free slot in the buffers
         h = out.last_hidden_state[:, -1]
@@ -58,7 +66,7 @@ class KVBackend:
         x = tm.embed_tokens(token_ids.unsqueeze(-1))  # [R, 1, H]
         rows = x.shape[0]
         cos, sin = tm.rotary_emb(x, self.pos.unsqueeze(-1))  # [R, 1, d]
-        allow = self.allow[..., : t + 1]
+        allow = self.allow[..., : t + 1] if self.masked else None
         for i, layer in enumerate(tm.layers):
             attn = layer.self_attn
             d = attn.head_dim
