@@ -1,4 +1,12 @@
-"""Sampling speed, side by side in one process on one model and batch:
+"""Sampling speed, side by side in one process on one model.
+
+Default (`--batches 16 64 256`): per batch B, guidance-free vs CFG images/s next to the
+in-process ceiling, the time of the same decode loop (prefill + every step through the
+decode backend, no sampling) at 2B rows over B rows: CFG runs 2B rows, so no sampler can
+beat that ratio, and a sampler that adds no overhead of its own reaches it. Also guidance-free
+at 2B images vs CFG at B images: the same KV-cache rows (CFG halves the batch that fits).
+
+With `--vs-generate`, at one batch and per image grid:
 
   1. cca-ray guidance-free      (B rows, one forward per token)
   2. cca-ray CFG                (2B rows in one batched forward per token)
@@ -46,6 +54,41 @@ def linear_ceiling(model, rows: int, repeats: int = 3) -> float:
             xs = {n: torch.randn(r, n) for n in {m.in_features for m in lins}}
             times.append(timed(lambda: [m(xs[m.in_features]) for m in lins], repeats * 10))
     return times[1] / times[0]
+
+
+def decode_loop_time(model, cond, steps: int, repeats: int) -> float:
+    """Seconds of the decoder forwards a sampling run does (prefill + `steps` decode steps), no sampling."""
+    from cca_ray.models.emu3.decode import KVBackend
+
+    token = torch.full((len(cond),), model.visual_offset, dtype=torch.long)
+
+    def run():
+        backend = KVBackend(model.module, max_new_tokens=steps)
+        backend.prefill(cond.input_ids, cond.attention_mask, True)
+        for _ in range(steps):
+            backend.step(token, True)
+
+    with torch.no_grad():
+        return timed(run, repeats)
+
+
+def batch_table(model, prompts_all, side: int, batches, guidance: float, repeats: int) -> list[tuple]:
+    """Rows (B, free img/s, CFG img/s, CFG/free time ratio, ceiling, free@2B img/s)."""
+    grid = (side, side)
+    steps = side * (side + 1) - 1
+    out = []
+    for b in batches:
+        prompts = (prompts_all * (2 * b // len(prompts_all) + 1))
+        cond = model.encode_conditions(prompts[:b], grid)
+        both = model.encode_conditions(prompts[:b] + [None] * b, grid)  # CFG's 2B rows, padded as it pads them
+        cond2 = model.encode_conditions(prompts[: 2 * b], grid)
+        t_free = timed(lambda: model.generate(cond, seed=0), repeats)
+        t_cfg = timed(lambda: model.generate(cond, guidance=guidance, seed=0), repeats)
+        t_free2 = timed(lambda: model.generate(cond2, seed=0), repeats)
+        ceiling = decode_loop_time(model, both, steps, repeats) / decode_loop_time(model, cond, steps, repeats)
+        out.append((b, b / t_free, b / t_cfg, t_cfg / t_free, ceiling, 2 * b / t_free2))
+        print(f"  batch {b}: guidance-free {b / t_free:.2f} img/s, CFG {b / t_cfg:.2f} img/s", flush=True)
+    return out
 
 
 def hf_generate_cfg(model, prompts, grid, guidance, seed):
@@ -103,7 +146,14 @@ def main(argv=None) -> None:
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--skip-hf", action="store_true", help="skip transformers generate() (slow)")
+    p.add_argument("--batches", type=int, nargs="+", default=[16, 64, 256],
+                   help="batch sizes of the guidance-free vs CFG table (on --grids' first side)")
+    p.add_argument("--vs-generate", action="store_true",
+                   help="instead: our paths vs transformers generate() at --batch, per grid (the older table)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = p.parse_args(rest)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from cca_ray.config import ModelConfig, load_config
     from cca_ray.models import build_tiny_model, load_model
@@ -123,7 +173,19 @@ def main(argv=None) -> None:
     model.hf.eval()
     n_params = sum(p.numel() for p in model.hf.model.text_model.parameters()) + model.hf.lm_head.weight.numel()
     print(f"model: Emu3 {mcfg.num_layers} layers, hidden {mcfg.hidden_size}, {n_params / 1e6:.1f}M LM params; "
-          f"codebook {codebook}; batch {args.batch}; threads {torch.get_num_threads()}")
+          f"codebook {codebook}; threads {torch.get_num_threads()}")
+    if not args.vs_generate:
+        side = grids[0]
+        print(f"grid {side}x{side} ({side * (side + 1)} tokens per image), guidance {args.guidance}, "
+              f"{args.repeats} repeats after a warm-up")
+        rows = batch_table(model, prompts, side, args.batches, args.guidance, args.repeats)
+        print(f"\n{'batch':>5s} {'free img/s':>10s} {'CFG img/s':>9s} {'free/CFG':>8s} {'ceiling':>7s} "
+              f"{'of ceiling':>10s} {'free@2B/CFG@B':>13s}")
+        for b, free, cfg_, ratio, ceil, free2 in rows:
+            print(f"{b:5d} {free:10.2f} {cfg_:9.2f} {ratio:7.2f}x {ceil:6.2f}x {ratio / ceil:9.1%} {free2 / cfg_:12.2f}x")
+        print("ceiling: decoder forwards at 2B rows / at B rows; free@2B/CFG@B: images/s at equal KV-cache rows")
+        return
+    print(f"batch {args.batch}")
     ceiling = linear_ceiling(model, args.batch)
     print(f"ceiling: the decoder's Linears take {ceiling:.2f}x as long at {2 * args.batch} rows as at {args.batch}")
 
