@@ -37,11 +37,18 @@ import time
 import torch
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn, repeats: int) -> float:
     fn()  # warm-up (allocator, kernels)
+    _sync()
     t = time.perf_counter()
     for _ in range(repeats):
         fn()
+    _sync()
     return (time.perf_counter() - t) / repeats
 
 
@@ -60,7 +67,7 @@ def decode_loop_time(model, cond, steps: int, repeats: int) -> float:
     """Seconds of the decoder forwards a sampling run does (prefill + `steps` decode steps), no sampling."""
     from cca_ray.models.emu3.decode import KVBackend
 
-    token = torch.full((len(cond),), model.visual_offset, dtype=torch.long)
+    token = torch.full((len(cond),), model.visual_offset, dtype=torch.long, device=cond.input_ids.device)
 
     def run():
         backend = KVBackend(model.module, max_new_tokens=steps)
@@ -151,6 +158,9 @@ def main(argv=None) -> None:
     p.add_argument("--vs-generate", action="store_true",
                    help="instead: our paths vs transformers generate() at --batch, per grid (the older table)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"],
+                   default="bfloat16" if torch.cuda.is_available() else "float32")
     args = p.parse_args(rest)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -169,11 +179,13 @@ def main(argv=None) -> None:
     prompts = (prompts * (args.batch // len(prompts) + 1))[: args.batch]
 
     with tempfile.TemporaryDirectory() as tmp:
-        model = load_model(build_tiny_model(tmp, mcfg, codebook_size=codebook, prompts=prompts))
+        model = load_model(build_tiny_model(tmp, mcfg, codebook_size=codebook, prompts=prompts),
+                           device=args.device if not args.vs_generate else "cpu",
+                           dtype=getattr(torch, args.dtype) if not args.vs_generate else torch.float32)
     model.hf.eval()
     n_params = sum(p.numel() for p in model.hf.model.text_model.parameters()) + model.hf.lm_head.weight.numel()
     print(f"model: Emu3 {mcfg.num_layers} layers, hidden {mcfg.hidden_size}, {n_params / 1e6:.1f}M LM params; "
-          f"codebook {codebook}; threads {torch.get_num_threads()}")
+          f"codebook {codebook}; {model.device} {next(model.hf.parameters()).dtype}; threads {torch.get_num_threads()}")
     if not args.vs_generate:
         side = grids[0]
         print(f"grid {side}x{side} ({side * (side + 1)} tokens per image), guidance {args.guidance}, "

@@ -14,6 +14,7 @@ same from torch.cuda.max_memory_allocated.
 
     python benchmarks/train_step.py                        # demo model (hidden 128, 4 layers), 7x7 grid, batch 32
     python benchmarks/train_step.py --hidden 512 --layers 8 --batch 16
+    python benchmarks/train_step.py --set model.num_heads=16 data.image_size=256 ...   # any config field
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def setup(args, model_dir: Path, variants):
     from cca_ray.train.batches import TrainRows
     from cca_ray.train.recipe import Trainer, local_process_group
 
-    cfg = load_config(args.preset, overrides=[f"model.hidden_size={args.hidden}", f"model.num_layers={args.layers}"])
+    cfg = load_config(args.preset, overrides=[f"model.hidden_size={args.hidden}", f"model.num_layers={args.layers}",
+                                              *args.set])
     grid = (cfg.data.image_size // cfg.tokenizer.patch_size,) * 2
     prompts = [f"a handwritten digit {w}" for w in WORDS]
     if not (model_dir / "config.json").exists():
@@ -51,13 +53,13 @@ def setup(args, model_dir: Path, variants):
     lab = rng.integers(0, 10, args.batch)
     neg = (lab + rng.integers(1, 10, args.batch)) % 10
     data = TrainRows(codes=rng.integers(0, cfg.tokenizer.codebook_size, (args.batch, *grid)).astype(np.int32),
-                     prompt=[prompts[i] for i in lab], neg_prompt=[prompts[i] for i in neg],
+                     cond=[prompts[i] for i in lab], neg_cond=[prompts[i] for i in neg],
                      pos_null=np.zeros(args.batch, bool), neg_null=np.zeros(args.batch, bool), source="synthetic")
     base = load_model(model_dir)  # the reference pass, as the data stage runs it
     with torch.no_grad():
         codes = torch.from_numpy(data.codes).long()
-        data.ref_logp_pos = base.sequence_logprob(base.encode_conditions(data.prompt, grid), codes).numpy()
-        data.ref_logp_neg = base.sequence_logprob(base.encode_conditions(data.neg_prompt, grid), codes).numpy()
+        data.ref_logp_pos = base.sequence_logprob(base.encode_conditions(data.cond, grid), codes).numpy()
+        data.ref_logp_neg = base.sequence_logprob(base.encode_conditions(data.neg_cond, grid), codes).numpy()
     del base
     local_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     trainers = {}
@@ -120,6 +122,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     p.add_argument("--zero-stage", type=int, default=2, choices=[0, 1, 2, 3])
     p.add_argument("--bf16", action="store_true")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides (grid, heads, codebook)")
     p.add_argument("--only", choices=list(VARIANTS), help=argparse.SUPPRESS)  # memory subprocess
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -151,6 +154,7 @@ def main() -> None:
                                                 ("layers", args.layers), ("batch", args.batch),
                                                 ("zero-stage", args.zero_stage))]]
             cmd += ["--bf16"] if args.bf16 else []
+            cmd += ["--set", *args.set] if args.set else []
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             memory[name] = json.loads(out.split("RESULT ", 1)[1])
 
