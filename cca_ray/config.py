@@ -219,6 +219,7 @@ class ServeConfig(_Section):
     num_cpus: float = Field(1.0, gt=0.0, description="CPUs per replica (also its torch threads)")
     num_gpus: float = Field(0.0, ge=0.0, description="GPUs per replica (>0 samples on CUDA)")
     max_n: int = Field(8, gt=0, description="most images one request may ask for")
+    max_body_bytes: int = Field(1 << 20, gt=0, description="largest request body accepted; larger gets a 413")
     max_batch_size: int = Field(16, gt=0, description="most images in one batched decode")
     batch_wait_timeout_s: float = Field(0.05, ge=0.0, description="how long a batch waits to fill")
     request_timeout_s: float = Field(120.0, gt=0.0, description="a request waiting longer gets a 504")

@@ -68,6 +68,17 @@ def test_bad_requests_name_the_field(body, status, param):
         assert param in err["message"]
 
 
+def test_deep_nesting_is_a_400_and_a_big_body_a_413():
+    deep = b"[" * 100_000 + b"]" * 100_000
+    for body in (deep, b'{"prompt": ' + deep + b"}"):
+        with pytest.raises(APIError) as e:
+            validate_request(body, limits(max_body_bytes=1 << 20))
+        assert (e.value.status, e.value.param) == (400, "body") and "nested too deeply" in e.value.body()["error"]["message"]
+    with pytest.raises(APIError) as e:
+        validate_request(b'{"prompt": "' + b"a" * 2000 + b'"}', limits(max_body_bytes=1000))
+    assert e.value.status == 413 and "1000 bytes" in e.value.body()["error"]["message"]
+
+
 def test_good_request_defaults_and_seeds():
     spec = validate_request(b'{"prompt": "a", "n": 3, "seed": 10, "size": "8x8", "guidance_scale": 2}',
                             limits(temperature=0.9, top_k=7))
@@ -318,6 +329,8 @@ def test_each_bad_request_gets_its_4xx_and_serving_goes_on(app):
         ({"prompt": "a", "response_format": "url"}, 400, "response_format"),
         ({"prompt": "a", "model": "gpt-image-1"}, 404, "model"),
         ({"label": 42}, 400, "label"),
+        (b"[" * 100_000 + b"]" * 100_000, 400, "body"),  # nested past the parser's recursion limit
+        (b'{"prompt": "' + b"a" * (cfg.serve.max_body_bytes + 1) + b'"}', 413, "body"),
     ]
     for body, status, param in cases:
         r = _post(url, body)

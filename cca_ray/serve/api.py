@@ -90,6 +90,7 @@ class ServeLimits:
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
+    max_body_bytes: int = 1 << 20
 
     @property
     def size(self) -> str:
@@ -117,13 +118,21 @@ def _pydantic_to_api_error(err: ValidationError) -> APIError:
     return APIError(400, f"Invalid {kind} for '{name}': {e['msg']} (got {got!r})", param=name, code=f"invalid_{kind}")
 
 
+def body_too_large(max_body_bytes: int) -> APIError:
+    return APIError(413, f"The request body is larger than this server's limit of {max_body_bytes} bytes "
+                         "(serve.max_body_bytes)", param="body", code="request_too_large")
+
+
 def parse_json_body(body: bytes) -> dict:
-    """Raw body -> dict, or APIError(400) for malformed JSON or a non-object."""
+    """Raw body -> dict, or APIError(400) for malformed JSON, JSON nested too deep to parse, or a non-object."""
     try:
         obj = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise APIError(400, f"We could not parse the JSON body of your request: {e}", param="body",
                        code="invalid_json") from None
+    except RecursionError:  # e.g. [[[[... 100,000 deep: the parser runs out of stack, not the server
+        raise APIError(400, "We could not parse the JSON body of your request: it is nested too deeply",
+                       param="body", code="invalid_json") from None
     if not isinstance(obj, dict):
         raise APIError(400, f"The request body must be a JSON object, got {type(obj).__name__}", param="body",
                        code="invalid_json")
@@ -188,7 +197,9 @@ def raw_condition(cond_prompt: str, req: ImageGenerationRequest, limits: ServeLi
 
 
 def validate_request(body: bytes, limits: ServeLimits) -> GenerationSpec:
-    """Raw request body -> GenerationSpec, or APIError naming the field."""
+    """Raw request body -> GenerationSpec, or APIError naming the field (413 for a body over max_body_bytes)."""
+    if len(body) > limits.max_body_bytes:
+        raise body_too_large(limits.max_body_bytes)
     try:
         req = ImageGenerationRequest.model_validate(parse_json_body(body))
     except ValidationError as e:

@@ -36,6 +36,7 @@ from cca_ray.serve.api import (
     APIError,
     SamplingKey,
     ServeLimits,
+    body_too_large,
     generation_response,
     models_response,
     png_b64,
@@ -53,6 +54,20 @@ from cca_ray.serve.assets import (
 log = logging.getLogger("cca_ray.serve")
 
 APP_NAME = "cca-ray"
+
+
+async def read_body(request: Request, max_body_bytes: int) -> bytes:
+    """The request body, read no further than max_body_bytes (413 past it, whatever Content-Length says)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
+        raise body_too_large(max_body_bytes)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_body_bytes:
+            raise body_too_large(max_body_bytes)
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 # -- the deployment -------------------------------------------------------------------------------
@@ -111,7 +126,8 @@ class ImageGenerator:
             model_name=self.name, image_size=(int(hw[1]), int(hw[0])), grid=grid, max_n=s.max_n,
             max_prompt_tokens=int(self.model.max_prompt_tokens), prompt_length=self.model.condition_length,
             label_prompts=load_label_prompts(cfg), condition_kind=self.model.condition_kind, guidance_scale=cfg.sample.guidance_scale,
-            temperature=cfg.sample.temperature, top_k=cfg.sample.top_k, top_p=cfg.sample.top_p)
+            temperature=cfg.sample.temperature, top_k=cfg.sample.top_k, top_p=cfg.sample.top_p,
+            max_body_bytes=s.max_body_bytes)
         self.created = int(time.time())
         self.metrics = ServeMetrics("ImageGenerator")
         self.mlflow = MlflowImageLog(cfg, self.name, checkpoint) if s.log_images_to_mlflow else None
@@ -142,7 +158,7 @@ class ImageGenerator:
     async def generations(self, request: Request) -> JSONResponse:
         t0 = time.perf_counter()
         try:
-            spec = validate_request(await request.body(), self.limits)
+            spec = validate_request(await read_body(request, self.limits.max_body_bytes), self.limits)
             job = _Job(spec.cond_prompt, spec.cond, spec.seeds or self.make_seeds(None, spec.n), spec.key)
             self._queued(+1)
             try:
