@@ -153,6 +153,10 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(50, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
     max_failures: int = Field(2, ge=-1, description="worker-group restarts from the last checkpoint (-1: no limit)")
+    start_timeout_s: float = Field(60.0, gt=0.0, description="how long one try to start the worker group waits "
+                                   "for its resources")
+    start_retries: int = Field(2, ge=0, description="tries to start the worker group after the first; then the "
+                               "run fails naming the resources it asked for and what the cluster has")
     inject_failure_at_step: int | None = Field(
         None, gt=0, description="testing hook: the last rank raises once when it reaches this optimizer step "
         "(a marker file in the run dir makes it once), to exercise resume")

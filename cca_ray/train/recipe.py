@@ -158,6 +158,9 @@ class Trainer:
         self.ref_engine = None
         self._grad_norm = float("nan")
         self._perm: tuple[int, Any] = (-1, None)
+        # rank 0's metrics wait here until the checkpoint covering their step is committed (see _flush_mlflow)
+        self.pending_mlflow: list[tuple[int, dict[str, float]]] = []
+        self.mlflow_logged_upto = -1
 
     # -- setup ---------------------------------------------------------------------------
     def _load(self):
@@ -204,6 +207,11 @@ class Trainer:
             state = ckpt.load_engine(self.engine, resume_dir)
             self.step, self.fingerprint = int(state["step"]), int(state["data_fingerprint"])
             self.resumed_from = self.step
+            # what the checkpoint covers but a kill may have kept from MLflow
+            self.pending_mlflow = [(int(s), m) for s, m in state.get("pending_mlflow", [])]
+        if self.rank == 0 and self.mlflow is not None:
+            self.mlflow_logged_upto = tracking.last_logged_step(*self.mlflow)
+            self._flush_mlflow()
         return self
 
     # -- one optimizer step ----------------------------------------------------------------
@@ -320,18 +328,39 @@ class Trainer:
         # logging, not print: Ray Train tees a worker's print to stdout and to its log, so it showed twice
         log.info("[%s] step %d/%d %s", self.section, self.step, self.total_steps, shown)
         if self.mlflow is not None:
-            tracking.log_metrics(*self.mlflow, {k: v for k, v in metrics.items() if k != "step"}, step=self.step)
+            self.pending_mlflow.append((self.step, {k: v for k, v in metrics.items() if k != "step"}))
         if self.telemetry is not None:
             self.telemetry.record(metrics, {"run": self.run_name, "objective": self.tc.objective})
 
+    def _flush_mlflow(self) -> None:
+        """Write the buffered metrics to MLflow, skipping steps it already holds.
+
+        MLflow only ever gets steps a committed checkpoint covers: after a worker dies, the group
+        restarts from the last committed checkpoint and redoes the steps past it, which would
+        otherwise be logged twice. The buffer travels in the checkpoint (a kill between commit and
+        flush loses nothing) and `mlflow_logged_upto` (read back from MLflow on setup) drops what a
+        flush before the kill already wrote. Each step is in the history exactly once."""
+        if self.mlflow is None:
+            self.pending_mlflow = []
+            return
+        for step, metrics in self.pending_mlflow:
+            if step > self.mlflow_logged_upto:
+                tracking.log_metrics(*self.mlflow, {**metrics, tracking.STEP_KEY: step}, step=step)
+                self.mlflow_logged_upto = step
+        self.pending_mlflow = []
+
     def save_checkpoint(self, metrics: dict[str, float]) -> None:
-        """Each rank writes its shard into its own temp dir and reports it; Ray merges the uploads."""
+        """Each rank writes its shard into its own temp dir and reports it; Ray merges the uploads.
+        Ray's report returns once the checkpoint is persisted: then rank 0 flushes the metrics it covers."""
         state = {"step": self.step, "total_steps": self.total_steps, "epoch": self.plan.epoch_of(max(0, self.step - 1)),
-                 "data_fingerprint": self.fingerprint, "section": self.section, "objective": self.tc.objective}
+                 "data_fingerprint": self.fingerprint, "section": self.section, "objective": self.tc.objective,
+                 "pending_mlflow": self.pending_mlflow if self.rank == 0 else []}
         with tempfile.TemporaryDirectory(prefix=f"cca_ckpt_r{self.rank}_") as tmp:
             ckpt.save_engine(self.engine, tmp, state, self.rank)
             if self.report_fn is not None:
                 self.report_fn(metrics, tmp)
+        if self.rank == 0:
+            self._flush_mlflow()
 
     def gathered_weights(self):
         """Context in which `self.adapter` holds the full current weights. Collective under ZeRO-3 (every

@@ -38,7 +38,7 @@ class KVBackend:
         rows, length = input_ids.shape
         total = length + self.max_new
         self.keys, self.values = [], []
-        for layer in out.past_key_values.layers:
+        for layer in out.cache.layers:  # transformers >= 5.24 names the output cache `cache`
             for src, dst in ((layer.keys, self.keys), (layer.values, self.values)):
                 buf = src.new_empty(rows, src.shape[1], total, src.shape[3])
                 buf[:, :, :length] = src
