@@ -201,6 +201,8 @@ def test_trials_are_named_by_their_config(tmp_path):
     assert a != trial_name(cfg, {"train.lam": 1.0, "train.beta": 0.1}, "sha256:2")
     assert a != trial_name(with_overrides(cfg, {"train.max_steps": 9}), {"train.lam": 1.0, "train.beta": 0.1},
                            "sha256:1")
+    assert a == trial_name(with_overrides(cfg, {"eval.num_samples": 8}), {"train.lam": 1.0, "train.beta": 0.1},
+                           "sha256:1")  # the final evaluation's size is not a trial's input
     assert a == trial_name(load_config("smoke", workdir=tmp_path / "elsewhere"),
                            {"train.lam": 1.0, "train.beta": 0.1}, "sha256:1")  # the workdir is not an input
 

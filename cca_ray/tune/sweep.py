@@ -81,6 +81,7 @@ class FidProxy:
 # -- trials: named by what they train, resumed by Ray Train, replayed when recorded ----------------
 REPORTS_FILE = "reports.json"  # every report a trial made, in order (what ASHA saw)
 FINISHED_FILE = "finished.json"  # the trial trained to the end and exported
+FINAL_EVAL_FIELDS = ("num_samples", "cfg_scales", "workers")
 
 
 def trial_name(cfg: Config, params: dict, base_id: str) -> str:
@@ -88,7 +89,9 @@ def trial_name(cfg: Config, params: dict, base_id: str) -> str:
     plus the starting weights: the same trial on a rerun gets the same name (and so its Ray Train run,
     checkpoints and MLflow run); a changed field gives a new trial."""
     tcfg = with_overrides(cfg, params)
-    return "trial-" + step_key(tcfg, ("train", "model", "data", "tokenizer", "sample", "eval"), base=base_id,
+    # the proxy reads eval's settings but not those of the final evaluation
+    proxy = {k: v for k, v in tcfg.eval.model_dump(mode="json").items() if k not in FINAL_EVAL_FIELDS}
+    return "trial-" + step_key(tcfg, ("train", "model", "data", "tokenizer", "sample"), base=base_id, proxy=proxy,
                                report_every=cfg.tune.report_every)[:10]
 
 

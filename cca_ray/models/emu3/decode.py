@@ -38,7 +38,10 @@ class KVBackend:
         rows, length = input_ids.shape
         total = length + self.max_new
         self.keys, self.values = [], []
-        for layer in out.cache.layers:  # transformers >= 5.24 names the output cache `cache`
+        # the output's cache is `cache` in transformers 5.24+ (reading `past_key_values` warns there), before that
+        # `past_key_values`; either is a Cache with per-layer `.layers` (4.56+)
+        cache = out["cache"] if "cache" in out else out.past_key_values
+        for layer in cache.layers:
             for src, dst in ((layer.keys, self.keys), (layer.values, self.values)):
                 buf = src.new_empty(rows, src.shape[1], total, src.shape[3])
                 buf[:, :, :length] = src
