@@ -90,7 +90,6 @@ def test_smoke_main_job_from_an_empty_dir_interrupted_and_resumed(ray_local, tmp
         rc = proc.wait(timeout=120)
     first = (tmp_path / "first.log").read_text()
     assert rc == 130 and "interrupted; rerun the same command" in first, first[-3000:]
-    assert "Traceback" not in first.split("[3/5")[-1], first[-3000:]
     print(f"SIGINT -> exit in {time.time() - t_int:.1f} s")
     from ray.util.placement_group import placement_group_table
 
