@@ -169,7 +169,7 @@ def run_main_job(cfg: Config) -> dict:
     rows = cfg_rows + points
     table = format_table(rows)
     rkey = steps.digest(rows)
-    done = steps.cached(sweep_dir / "results.md", rkey)
+    done = steps.cached(sweep_dir / "results.md", rkey) if (sweep_dir / "results.md").exists() else None
     if done is None:  # logged and registered once per set of results, however often the job reruns
         plot = trade_off_plot(cfg_rows, points, sweep_dir / "trade_off.png")
         (sweep_dir / "results.md").write_text(table + "\n")
