@@ -188,9 +188,10 @@ class SampleConfig(_Section):
     top_k: int | None = Field(None, gt=0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     batch_size: int = Field(64, gt=0)
-    cca_lambda: float | None = Field(None, gt=0.0, description="lambda of a lambda-conditioned CCA model; "
-                                     "None: the model's default")
-    guidance_beta: float | None = Field(None, ge=0.0, le=1.0, description="beta of a GFT model; None: the model's default")
+    cca_lambda: float | None = Field(None, gt=0.0, description="serve: lambda of a lambda-conditioned CCA model when a "
+                                     "request gives none; None: the model's default")
+    guidance_beta: float | None = Field(None, ge=0.0, le=1.0, description="serve: beta of a GFT model when a request "
+                                        "gives none; None: the model's default")
 
 
 class EvalConfig(_Section):

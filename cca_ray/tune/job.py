@@ -11,7 +11,9 @@ Steps (each skipped when its output already exists, so an interrupted job picks 
      (Train inside a Tune trial, named after the trial so it resumes) that reports the FID proxy
      (n = eval.proxy_num_samples, guidance-free) every tune.report_every steps;
   4. every finished trial and the DPO / unlearning baselines (same budget) evaluated guidance-free at n;
-  5. results table (markdown + CSV), trade-off plot, best model registered in the MLflow registry.
+  5. optional (tune.extra_methods): a λ-conditioned CCA model scored over eval.lam_values and a GFT model
+     over eval.beta_values, λ / β chosen at sampling time (one model, many points);
+  6. results table (markdown + CSV), trade-off plot (paper Figure 4), best model registered in the MLflow registry.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from cca_ray.config import Config, ConfigError, with_overrides
 from cca_ray.evaluate.job import cfg_curve, eval_setup, evaluate_model
 from cca_ray.evaluate.report import format_table, to_csv, trade_off_plot
 from cca_ray.models import loader_options
+from cca_ray.tune.extra import run_extra_methods
 from cca_ray.tune.sweep import finished_export, load_space, run_asha
 
 # -- reporting --------------------------------------------------------------------------
@@ -116,11 +119,12 @@ def run_main_job(cfg: Config) -> dict:
         m.update(method=kind, beta=best["beta"] if kind == "dpo" else None,
                  lam=bcfg.train.lam_unlearning if kind == "unlearning" else None)
         points.append(m)
+    curves = run_extra_methods(cfg, setup, best, sweep_dir, parent, n)  # tune.extra_methods: {} by default
 
     print(f"[5/5 {clock(t0)}] results", flush=True)
-    rows = cfg_rows + points
+    rows = cfg_rows + points + [r for c in curves.values() for r in c]
     table = format_table(rows)
-    plot = trade_off_plot(cfg_rows, points, sweep_dir / "trade_off.png")
+    plot = trade_off_plot(cfg_rows, points, sweep_dir / "trade_off.png", curves=curves)
     (sweep_dir / "results.md").write_text(table + "\n")
     (sweep_dir / "results.csv").write_text(to_csv(rows))
     c = tracking.client(uri)
@@ -135,7 +139,7 @@ def run_main_job(cfg: Config) -> dict:
     model_uri = register_best(cfg, best["run_id"] or parent, Path(best["export"]), f"{cfg.experiment}-best")
     tracking.end_run(uri, parent)
     summary = {"table": table, "plot": str(plot), "best": best, "model_uri": model_uri, "cfg_rows": cfg_rows,
-               "points": points, "minutes": (time.time() - t0) / 60}
+               "points": points, "curves": curves, "minutes": (time.time() - t0) / 60}
     print(table)
     print(f"\ntrade-off plot: {plot}\nbest model: {best['export']} (registered as {model_uri})")
     print(f"open MLflow:    mlflow ui --backend-store-uri {uri}")
