@@ -132,3 +132,25 @@ def test_knob_features_follow_the_trained_range():
     assert beta.null_value == 1.0 and torch.equal(beta.unit(torch.tensor([0.25])), torch.tensor([0.25]))
     with pytest.raises(ValueError, match="0 < low < high"):
         knob.lam_spec(0.0, 10.0, 1.0)
+
+
+def test_evaluate_scores_a_knob_model_at_the_values_inside_its_range(tmp_path):
+    """knob_values: the eval grid kept to the trained range; explicit values are checked; no knob: refused."""
+    from cca_ray.config import load_config
+    from cca_ray.evaluate.job import knob_values
+
+    path, _, _ = _llamagen(tmp_path / "base")
+    cfg = load_config("smoke", overrides={"eval.lam_values": [0.1, 1.0, 30.0, 1000.0]})
+    with pytest.raises(ValueError, match="not a λ-conditioned or GFT model"):
+        knob_values(path, cfg)
+    m = load_model(path)
+    knob.attach(m.module, m.condition_dim, knob.lam_spec(1.0, 100.0, 10.0))
+    m.save(tmp_path / "lam")
+    assert knob_values(tmp_path / "lam", cfg) == ("cca_lambda", [1.0, 30.0])
+    assert knob_values(tmp_path / "lam", cfg, [2, 50]) == ("cca_lambda", [2.0, 50.0])
+    with pytest.raises(ValueError, match=r"cca_lambda=1000 is outside"):
+        knob_values(tmp_path / "lam", cfg, [1000])
+    g = load_model(path)
+    knob.attach(g.module, g.condition_dim, knob.beta_spec())
+    g.save(tmp_path / "gft")
+    assert knob_values(tmp_path / "gft", cfg) == ("guidance_beta", cfg.eval.beta_values)

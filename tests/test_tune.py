@@ -60,7 +60,9 @@ def test_smoke_main_job_end_to_end(ray_local, tmp_path):
 
     from cca_ray.tune.job import run_main_job
 
-    cfg = load_config("smoke", workdir=tmp_path)
+    cfg = load_config("smoke", workdir=tmp_path, overrides={  # with the optional knob methods, on short grids
+        "tune.extra_methods": ["lam_conditioned", "gft"], "eval.lam_values": [1.0, 100.0],
+        "eval.beta_values": [1.0, 0.5]})
     out = run_main_job(cfg)
 
     assert Path(out["plot"]).stat().st_size > 10_000
@@ -68,16 +70,23 @@ def test_smoke_main_job_end_to_end(ray_local, tmp_path):
     assert any(p["method"].startswith("cca trial-") for p in out["points"])
     for row in out["cfg_rows"] + out["points"]:
         assert row["n"] == cfg.eval.num_samples and np.isfinite(row["fid"]) and 0 <= row["accuracy"] <= 1
+    # λ-conditioned CCA and GFT: one model each, a point per λ / β, in the table
+    assert [r["lam"] for r in out["curves"]["lam_conditioned"]] == [1.0, 100.0]
+    assert [r["beta"] for r in out["curves"]["gft"]] == [1.0, 0.5]
+    assert all(np.isfinite(r["fid"]) for c in out["curves"].values() for r in c)
+    assert "| λ-conditioned CCA | 0 | 100 |" in out["table"] and "| GFT | 0 | - | 0.5 |" in out["table"]
 
     c = MlflowClient(cfg.mlflow_uri)
     exp = c.get_experiment_by_name(cfg.experiment)
     runs = c.search_runs([exp.experiment_id])
     parent = next(r for r in runs if r.info.run_name == "sweep-smoke")
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+                and not r.info.run_name.startswith("extra-")]
     assert len(children) == cfg.tune.num_trials
     for child in children:  # every trial reported the proxy ASHA ranks on
         assert c.get_metric_history(child.info.run_id, "fid_proxy"), child.info.run_name
         assert float(child.data.params["train.lam"]) > 0
+    assert len(c.get_metric_history(parent.info.run_id, "gft_fid")) == 2
     artifacts = {a.path for a in c.list_artifacts(parent.info.run_id)}
     assert {"trade_off.png", "results.md", "results.csv"} <= artifacts
     assert out["model_uri"].startswith("models:/cca-ray-smoke-best/")
@@ -115,3 +124,10 @@ def test_trade_off_plot_with_every_kind_of_point(tmp_path):
     ]
     out = trade_off_plot(cfg_rows, points, tmp_path / "p.png")
     assert out.stat().st_size > 10_000
+    curves = {  # one knob model each, scored at several knob values (paper Figure 4)
+        "lam_conditioned": [{"lam": v, "fid": 1.5 - v / 100, "isc_mean": 5.5 + v / 50, "precision": 0.5, "recall": 0.4}
+                            for v in (1.0, 10.0, 100.0)],
+        "gft": [{"beta": b, "fid": 1.2 + b, "isc_mean": 6 - b, "precision": 0.6, "recall": 0.3 + b / 5} for b in (1.0, 0.5)],
+    }
+    with_curves = trade_off_plot(cfg_rows, points, tmp_path / "q.png", curves=curves)
+    assert with_curves.stat().st_size > out.stat().st_size
