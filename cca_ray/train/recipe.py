@@ -234,11 +234,10 @@ class Trainer:
         cond = self.adapter.encode_conditions(mb.pos_conds + (mb.neg_conds or []), self.data.grid)
         codes = torch.cat([mb.codes, mb.codes]) if paired else mb.codes
         m = mb.num_images
-        lam = tc.lam
+        lam, policy_cond = tc.lam, cond  # the reference (the base model) never sees λ
         if tc.lam_sampling == "loguniform":  # one λ per pair: the row's positive and its negative share it
             lam = draw_knob("lam", m, seed, tc.lam_range)
-            knob = torch.cat([lam, lam]) if paired else lam
-        policy_cond = cond.with_knob(knob) if tc.lam_sampling == "loguniform" else cond
+            policy_cond = cond.with_knob(torch.cat([lam, lam]) if paired else lam)
         logp = self.adapter.sequence_logprob(policy_cond, codes, module=self.engine)
         logps = {"policy_logp_pos": logp[:m], "policy_logp_neg": logp[m:] if paired else None,
                  "neg_is_null": mb.neg_is_null}
