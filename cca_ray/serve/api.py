@@ -99,13 +99,10 @@ class ServeLimits:
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
-<<<<<<< HEAD
     max_body_bytes: int = 1 << 20
-=======
     knob: KnobSpec | None = None  # the model's sampling-time knob, if it has one
     cca_lambda: float | None = None  # defaults (sample.cca_lambda / sample.guidance_beta) for a knob model
     guidance_beta: float | None = None
->>>>>>> gft
 
     @property
     def size(self) -> str:

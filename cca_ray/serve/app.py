@@ -141,11 +141,7 @@ class ImageGenerator:
             max_prompt_tokens=int(self.model.max_prompt_tokens), prompt_length=self.model.condition_length,
             label_prompts=load_label_prompts(cfg), condition_kind=self.model.condition_kind, guidance_scale=cfg.sample.guidance_scale,
             temperature=cfg.sample.temperature, top_k=cfg.sample.top_k, top_p=cfg.sample.top_p,
-<<<<<<< HEAD
-            max_body_bytes=s.max_body_bytes)
-=======
-            **served_knob(self.model, cfg))
->>>>>>> gft
+            max_body_bytes=s.max_body_bytes, **served_knob(self.model, cfg))
         self.created = int(time.time())
         self.metrics = ServeMetrics("ImageGenerator")
         self.mlflow = MlflowImageLog(cfg, self.name, checkpoint) if s.log_images_to_mlflow else None

@@ -396,11 +396,8 @@ class Trainer:
         Ray's report returns once the checkpoint is persisted: then rank 0 flushes the metrics it covers."""
         state = {"step": self.step, "total_steps": self.total_steps, "epoch": self.plan.epoch_of(max(0, self.step - 1)),
                  "data_fingerprint": self.fingerprint, "section": self.section, "objective": self.tc.objective,
-<<<<<<< HEAD
-                 "pending_mlflow": self.pending_mlflow if self.rank == 0 else []}
-=======
+                 "pending_mlflow": self.pending_mlflow if self.rank == 0 else [],
                  "knob": knobs.spec_to_dict(self.knob), "condition_dim": self.adapter.condition_dim}
->>>>>>> gft
         with tempfile.TemporaryDirectory(prefix=f"cca_ckpt_r{self.rank}_") as tmp:
             ckpt.save_engine(self.engine, tmp, state, self.rank)
             if self.report_fn is not None:
