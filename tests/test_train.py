@@ -327,3 +327,30 @@ def test_mlflow_holds_each_step_once_across_restarts(process_group, tiny_model, 
     Trainer(cfg, "train", model_dir=tiny_model, data=synthetic_rows(), mlflow=(uri, run),
             report=keep(tmp_path / "b2")).setup(resume_dir=tmp_path / "b" / "ck2").train()
     assert steps_of(run) == [1, 2, 3, 4]
+
+
+def test_zero3_trains_the_visual_head_and_exports_it_into_lm_head(process_group, tiny_model, tmp_path):
+    """ZeRO-3 (one rank): the visual head is a parameter of the wrapped module itself, so it is gathered
+    for the forward without registering lm_head as an external parameter; it trains, lm_head's text rows
+    do not, and the export from the ZeRO-3 shards writes the trained rows into lm_head."""
+    import deepspeed
+
+    from cca_ray.models import load_model
+
+    cfg = smoke_cfg("train.zero_stage=3", "train.lr=0.01", "train.max_steps=2")
+    tr = Trainer(cfg, "train", model_dir=tiny_model, data=synthetic_rows()).setup()
+    assert tr.adapter.external_parameters() == []
+    with deepspeed.zero.GatheredParameters([tr.engine.module.visual_head]):
+        head0 = tr.engine.module.visual_head.detach().clone()
+    tr.step_once(), tr.step_once()
+    ckpt.save_engine(tr.engine, tmp_path / "ck", {"step": tr.step}, rank=0)
+    with deepspeed.zero.GatheredParameters([tr.engine.module.visual_head]):
+        head2 = tr.engine.module.visual_head.detach().clone()
+    assert not torch.equal(head0, head2)
+    out = ckpt.export_model(tmp_path / "ck", tiny_model, tmp_path / "export", zero_stage=3)
+    exported, base = load_model(out).hf.lm_head.weight, load_model(tiny_model).hf.lm_head.weight
+    rows = slice(tr.adapter.visual_offset, tr.adapter.visual_offset + tr.adapter.codebook_size)
+    assert torch.equal(exported[rows], head2)
+    keep = torch.ones(base.shape[0], dtype=torch.bool)
+    keep[rows] = False
+    assert torch.equal(exported[keep], base[keep])
