@@ -63,12 +63,13 @@ def test_lambda_conditioned_cca_trains_the_embedder_and_exports_a_lambda_model(p
     data = rows()
     tr = Trainer(c, "train", model_dir=base, data=data).setup()
     assert knob.spec_of(tr.engine.module) == knob.lam_spec(1.0, 100.0, c.train.lam)
-    # step 0: the zero-initialised knob leaves Δ = 0, so each row's CCA term is (1 + λ_k) log 2 with its own λ_k
+    # step 0: the zero-initialised knob leaves Δ = 0, so each row's CCA term is (1 + λ_k) log 2 with its own λ_k,
+    # divided by its own max(λ_k, 1) as objective_loss scales CCA
     mb = make_micro_batch(data, tr.plan.rows(0, 0, 0), "cca")
     seed = (c.train.seed, 0, 0, 0)
     loss, _, _ = tr.micro_batch_loss(mb, seed=seed)
     lam = draw_knob("lam", 4, seed, (1.0, 100.0))
-    assert loss.item() == pytest.approx(float(((1 + lam) * math.log(2)).mean()), rel=1e-5)
+    assert loss.item() == pytest.approx(float(((1 + lam) * math.log(2) / lam.clamp_min(1.0)).mean()), rel=1e-5)
     before = _knob_params(tr.engine.module)
     assert before and all(float(v.abs().sum()) == 0 for n, v in before.items() if n.startswith(knob.PREFIX + "mlp.2"))
     for _ in range(3):
