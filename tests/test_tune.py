@@ -76,7 +76,8 @@ def test_smoke_main_job_from_an_empty_dir_interrupted_and_resumed(ray_local, tmp
 
     work = tmp_path / "empty"
     work.mkdir()
-    cmd = [sys.executable, "-m", "cca_ray.tune", "--preset", "smoke"]
+    cmd = [sys.executable, "-m", "cca_ray.tune", "--preset", "smoke",  # with the optional knob methods, short grids
+           "tune.extra_methods=[lam_conditioned,gft]", "eval.lam_values=[1.0,100.0]", "eval.beta_values=[1.0,0.5]"]
     sweep = work / "cca_work" / "sweeps" / "smoke"
     with open(tmp_path / "first.log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=work, stdout=log, stderr=subprocess.STDOUT)
@@ -121,6 +122,11 @@ def test_smoke_main_job_from_an_empty_dir_interrupted_and_resumed(ray_local, tmp
     for row in rows:
         assert int(row["n"]) == cfg.eval.num_samples and np.isfinite(float(row["fid"]))
         assert 0 <= float(row["accuracy"]) <= 1
+    table = (sweep / "results.md").read_text()  # the optional knob methods: one model each, a point per λ / β
+    for method, knob, values in (("λ-conditioned CCA", "lam", [1.0, 100.0]), ("GFT", "beta", [1.0, 0.5])):
+        curve = [row for row in rows if row["method"] == method]
+        assert [float(row[knob]) for row in curve] == values and all(np.isfinite(float(r["fid"])) for r in curve)
+    assert "| λ-conditioned CCA | 0 | 100 |" in table and "| GFT | 0 | - | 0.5 |" in table
 
     c = tracking.client(cfg.mlflow_uri)  # the job's registry, whatever mlflow.set_registry_uri said in this process
     exp = c.get_experiment_by_name(cfg.experiment)
@@ -128,12 +134,14 @@ def test_smoke_main_job_from_an_empty_dir_interrupted_and_resumed(ray_local, tmp
     parents = [r for r in runs if r.info.run_name == "sweep-smoke"]
     assert len(parents) == 1  # the rerun reopened the sweep's run
     parent = parents[0]
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+                and not r.info.run_name.startswith("extra-")]
     assert len(children) == cfg.tune.num_trials
     for child in children:  # every trial reported the proxy ASHA ranks on, each step once
         steps = [s for s, _ in tracking.metric_history(cfg.mlflow_uri, child.info.run_id, "fid_proxy")]
         assert steps and steps == sorted(set(steps)), (child.info.run_name, steps)
         assert float(child.data.params["train.lam"]) > 0
+    assert len(c.get_metric_history(parent.info.run_id, "gft_fid")) == 2
     artifacts = {a.path for a in c.list_artifacts(parent.info.run_id)}
     assert {"trade_off.png", "results.md", "results.csv"} <= artifacts
     assert c.get_registered_model("cca-ray-smoke-best").latest_versions
@@ -170,6 +178,13 @@ def test_trade_off_plot_with_every_kind_of_point(tmp_path):
     ]
     out = trade_off_plot(cfg_rows, points, tmp_path / "p.png")
     assert out.stat().st_size > 10_000
+    curves = {  # one knob model each, scored at several knob values (paper Figure 4)
+        "lam_conditioned": [{"lam": v, "fid": 1.5 - v / 100, "isc_mean": 5.5 + v / 50, "precision": 0.5, "recall": 0.4}
+                            for v in (1.0, 10.0, 100.0)],
+        "gft": [{"beta": b, "fid": 1.2 + b, "isc_mean": 6 - b, "precision": 0.6, "recall": 0.3 + b / 5} for b in (1.0, 0.5)],
+    }
+    with_curves = trade_off_plot(cfg_rows, points, tmp_path / "q.png", curves=curves)
+    assert with_curves.stat().st_size > out.stat().st_size
 
 
 def test_step_keys_follow_the_fields_a_step_reads(tmp_path):

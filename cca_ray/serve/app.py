@@ -85,6 +85,20 @@ class _Job:
         return len(self.seeds)
 
 
+def served_knob(model, cfg: Config) -> dict:
+    """ServeLimits' knob fields: the model's sampling-time knob (λ-conditioned CCA, GFT) and the server's
+    default for it, sample.cca_lambda / sample.guidance_beta (checked against the trained range), else
+    the model's own default."""
+    from cca_ray.models import knob
+
+    spec = knob.spec_of(model.module)
+    out = {"knob": spec, "cca_lambda": None, "guidance_beta": None}
+    if spec is not None:
+        given = getattr(cfg.sample, spec.name)
+        out[spec.name] = knob.check_value(spec, spec.name, given) if given is not None else spec.default
+    return out
+
+
 def _batch_images(jobs: list[_Job]) -> int:
     return sum(j.n for j in jobs)
 
@@ -127,7 +141,7 @@ class ImageGenerator:
             max_prompt_tokens=int(self.model.max_prompt_tokens), prompt_length=self.model.condition_length,
             label_prompts=load_label_prompts(cfg), condition_kind=self.model.condition_kind, guidance_scale=cfg.sample.guidance_scale,
             temperature=cfg.sample.temperature, top_k=cfg.sample.top_k, top_p=cfg.sample.top_p,
-            max_body_bytes=s.max_body_bytes)
+            max_body_bytes=s.max_body_bytes, **served_knob(self.model, cfg))
         self.created = int(time.time())
         self.metrics = ServeMetrics("ImageGenerator")
         self.mlflow = MlflowImageLog(cfg, self.name, checkpoint) if s.log_images_to_mlflow else None
@@ -139,8 +153,10 @@ class ImageGenerator:
     # -- routes -------------------------------------------------------------------------------
     @api.get("/healthz")
     def healthz(self) -> dict:
+        k = self.limits.knob
+        knob = {"name": k.name, "trained_range": [k.low, k.high], "default": getattr(self.limits, k.name)} if k else None
         return {"status": "ok", "model": self.name, "size": self.limits.size, "max_n": self.limits.max_n,
-                "labels": {str(k): v for k, v in sorted(self.limits.label_prompts.items())}}
+                "labels": {str(k): v for k, v in sorted(self.limits.label_prompts.items())}, "knob": knob}
 
     @api.get("/v1/models")
     def list_models(self) -> dict:
@@ -215,7 +231,8 @@ class ImageGenerator:
         seeds = [s for j in jobs for s in j.seeds]
         cond = self.model.encode_conditions(conds, grid=key.grid)
         codes = self.model.generate(cond, guidance=key.guidance_scale, temperature=key.temperature,
-                                    top_k=key.top_k, top_p=key.top_p, seed=seeds)
+                                    top_k=key.top_k, top_p=key.top_p, seed=seeds, cca_lambda=key.cca_lambda,
+                                    guidance_beta=key.guidance_beta)
         t_sampled = time.perf_counter()
         images = np.asarray(self.tok.decode(codes.cpu().numpy().astype(np.int32)))
         pngs = [png_b64(im) for im in images]

@@ -31,7 +31,7 @@ from cca_ray.config import Config, ConfigError, TrainConfig, dump_config, flat_p
 from cca_ray.models import condition_kind
 from cca_ray.data.shards import read_manifest
 from cca_ray.raycluster import ensure_ray
-from cca_ray.train.batches import REFERENCE_OBJECTIVES, TrainDataError, dataset_for, read_rows
+from cca_ray.train.batches import PAIRED_OBJECTIVES, REFERENCE_OBJECTIVES, TrainDataError, dataset_for, read_rows
 from cca_ray.train.recipe import Trainer
 from cca_ray.workarounds import is_worker_start_timeout, quiet_ray_train_reports
 from cca_ray.models import is_checkpoint, loader_options
@@ -90,7 +90,7 @@ def train_loop_per_worker(config: dict) -> None:
     if not tc.use_gpu:
         torch.set_num_threads(max(1, int(tc.cpus_per_worker)))
     ctx = ray.train.get_context()
-    data = read_rows(config["data_dir"], pairs=tc.objective != "sft",
+    data = read_rows(config["data_dir"], pairs=tc.objective in PAIRED_OBJECTIVES,
                      reference=tc.objective in REFERENCE_OBJECTIVES and tc.reference == "precomputed",
                      condition_kind=condition_kind(cfg.model.family))
     trainer = Trainer(cfg, section, model_dir=config["model_dir"], data=data, rank=ctx.get_world_rank(),

@@ -12,7 +12,9 @@ rerun skips what is done and a changed field recomputes only what depends on it;
      (Train inside a Tune trial, named after the trial so it resumes) that reports the FID proxy
      (n = eval.proxy_num_samples, guidance-free) every tune.report_every steps;
   4. every finished trial and the DPO / unlearning baselines (same budget) evaluated guidance-free at n;
-  5. results table (markdown + CSV), trade-off plot, best model registered in the MLflow registry.
+  5. optional (tune.extra_methods): a λ-conditioned CCA model scored over eval.lam_values and a GFT model
+     over eval.beta_values, λ / β chosen at sampling time (one model, many points);
+  6. results table (markdown + CSV), trade-off plot (paper Figure 4), best model registered in the MLflow registry.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from cca_ray.evaluate.report import format_table, to_csv, trade_off_plot
 from cca_ray.models import loader_options
 from cca_ray import steps
 from cca_ray.steps import step_key
+from cca_ray.tune.extra import run_extra_methods
 from cca_ray.tune.sweep import finished_export, load_space, run_asha
 
 # -- reporting --------------------------------------------------------------------------
@@ -164,14 +167,15 @@ def run_main_job(cfg: Config) -> dict:
         m.update(method=kind, beta=best["beta"] if kind == "dpo" else None,
                  lam=bcfg.train.lam_unlearning if kind == "unlearning" else None)
         points.append(m)
+    curves = run_extra_methods(cfg, setup, best, sweep_dir, parent, n, base_id)  # tune.extra_methods: {} by default
 
     print(f"[5/5 {clock(t0)}] results", flush=True)
-    rows = cfg_rows + points
+    rows = cfg_rows + points + [r for c in curves.values() for r in c]
     table = format_table(rows)
     rkey = steps.digest(rows)
     done = steps.cached(sweep_dir / "results.md", rkey) if (sweep_dir / "results.md").exists() else None
     if done is None:  # logged and registered once per set of results, however often the job reruns
-        plot = trade_off_plot(cfg_rows, points, sweep_dir / "trade_off.png")
+        plot = trade_off_plot(cfg_rows, points, sweep_dir / "trade_off.png", curves=curves)
         (sweep_dir / "results.md").write_text(table + "\n")
         (sweep_dir / "results.csv").write_text(to_csv(rows))
         c = tracking.client(uri)
@@ -187,7 +191,7 @@ def run_main_job(cfg: Config) -> dict:
         done = steps.store(sweep_dir / "results.md", rkey, {"plot": str(plot), "model_uri": model_uri})
     tracking.end_run(uri, parent)
     summary = {"table": table, "plot": done["plot"], "best": best, "model_uri": done["model_uri"], "cfg_rows": cfg_rows,
-               "points": points, "minutes": (time.time() - t0) / 60}
+               "points": points, "curves": curves, "minutes": (time.time() - t0) / 60}
     print(table)
     print(f"\ntrade-off plot: {done['plot']}\nbest model: {best['export']} (registered as {done['model_uri']})")
     print(f"open MLflow:    mlflow ui --backend-store-uri {uri}")

@@ -81,7 +81,7 @@ class FidProxy:
 # -- trials: named by what they train, resumed by Ray Train, replayed when recorded ----------------
 REPORTS_FILE = "reports.json"  # every report a trial made, in order (what ASHA saw)
 FINISHED_FILE = "finished.json"  # the trial trained to the end and exported
-FINAL_EVAL_FIELDS = ("num_samples", "cfg_scales", "workers")
+FINAL_EVAL_FIELDS = ("num_samples", "cfg_scales", "workers", "lam_values", "beta_values")
 
 
 def trial_name(cfg: Config, params: dict, base_id: str) -> str:

@@ -20,17 +20,18 @@ class KVBackend:
     forward's (tests compare both), as long as the model is a plain Emu3/Llama decoder.
     """
 
-    def __init__(self, scorer, max_new_tokens: int):
+    def __init__(self, scorer, max_new_tokens: int, knob=None):
         from transformers.models.emu3.modeling_emu3 import apply_rotary_pos_emb
 
         self.rope = apply_rotary_pos_emb  # the transformers forward's own RoPE
         self.scorer = scorer
         self.text_model = scorer.hf.model.text_model
         self.max_new = max_new_tokens
+        self.knob = knob  # [rows] knob values of a knob model (the prefix carries its embedding)
 
     def prefill(self, input_ids, attention_mask, need_logits):
         out = self.text_model(
-            input_ids=input_ids,
+            **self.scorer.text_inputs(input_ids, attention_mask, input_ids.shape[1], self.knob),
             attention_mask=attention_mask,
             position_ids=(attention_mask.cumsum(-1) - 1).clamp_(min=0),
             use_cache=True,
