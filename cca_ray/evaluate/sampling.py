@@ -42,11 +42,14 @@ def sample_local(
     batch_size: int = 64,
     first_index: int = 0,
     progress: bool = False,
+    cfg_schedule: str | None = None,
 ) -> np.ndarray:
     """Sample one image per raw condition with an in-process model: uint8 [N, H, W, C].
 
-    Image i uses seed ``seed + first_index + i``.
+    Image i uses seed ``seed + first_index + i``. cfg_schedule (sample.cfg_schedule) reaches the
+    families whose sampler has one (VAR's guidance per scale); raster families guide every step alike.
     """
+    extra = {"cfg_schedule": cfg_schedule} if cfg_schedule and getattr(model, "has_cfg_schedule", False) else {}
     grid = tuple(tokenizer.grid)
     out = []
     steps = range(0, len(conds), batch_size)
@@ -54,7 +57,8 @@ def sample_local(
         chunk = list(conds[s : s + batch_size])
         cond = model.encode_conditions(chunk, grid)
         seeds = [seed + first_index + s + i for i in range(len(chunk))]
-        codes = model.generate(cond, guidance=guidance, temperature=temperature, top_k=top_k, top_p=top_p, seed=seeds)
+        codes = model.generate(cond, guidance=guidance, temperature=temperature, top_k=top_k, top_p=top_p, seed=seeds,
+                               **extra)
         out.append(tokenizer.decode(codes.cpu().numpy().astype(np.int32)))
     return np.concatenate(out) if out else np.zeros((0, tokenizer.image_size, tokenizer.image_size, tokenizer.channels), np.uint8)
 
