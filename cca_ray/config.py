@@ -31,8 +31,15 @@ class DataConfig(_Section):
     image_column: str = "image"
     caption_column: str | None = "caption"
     label_column: str | None = "label"
-    image_size: int = Field(8, gt=0, description="images are resized to image_size x image_size")
+    image_size: int = Field(8, gt=0, description="images become image_size x image_size squares (data.preprocess)")
     channels: Literal[1, 3] = 1
+    # cca_ray/data/preprocess.py: how an image becomes the square, and which views of it become rows
+    preprocess: Literal["resize", "center-crop", "var"] = Field(
+        "resize", description="resize: squash to the square; center-crop: LlamaGen's (ADM's) centre crop; "
+        "var: VAR's shorter side to 1.125 x image_size (Lanczos) and centre crop")
+    augment: Literal["none", "flip", "ten-crop"] = Field(
+        "none", description="train images also as views (rows of their own): flip = + the mirror (LlamaGen's "
+        "code extraction), ten-crop = LlamaGen's --ten-crop (10 crops of a 1.1x centre crop)")
     holdout_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     max_images: int | None = Field(None, gt=0, description="cap on images read (None: all)")
     shard_rows: int = Field(2048, gt=0)
