@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -42,6 +43,8 @@ def parse_stage_args(
     add_args: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> tuple[Config, argparse.Namespace]:
     """Parse argv into a validated Config; a bad config prints the error and exits with code 2."""
+    if not sys.stdout.isatty():  # progress bars off a terminal are \r-joined walls of text in a log file
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights" bars too
     p = stage_parser(stage, description)
     if add_args is not None:
         add_args(p)

@@ -12,6 +12,7 @@ files, overrides, absolute paths) is cca_ray/config_loading.py; its names import
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -156,9 +157,15 @@ class ModelConfig(_Section):
 class TrainConfig(_Section):
     """One trainer for every objective; `pretrain` and `train` are two instances of this."""
 
-    objective: Literal["sft", "cca", "cca_cfg", "dpo", "unlearning"] = "cca"
+    objective: Literal["sft", "cca", "cca_cfg", "dpo", "unlearning", "gft"] = Field(
+        "cca", description="gft: Guidance-Free Training (beta-conditioned; guidance_beta chosen at sampling)")
     beta: float = Field(0.1, gt=0.0, description="CCA/DPO temperature on log p_theta/p_phi")
     lam: float = Field(1.0, ge=0.0, description="CCA weight of the negative (mismatched) term")
+    lam_sampling: Literal["fixed", "loguniform"] = Field(
+        "fixed", description="loguniform: lambda-conditioned CCA, a lambda per row drawn from lam_range, "
+        "cca_lambda chosen at sampling time")
+    lam_range: tuple[float, float] = Field((1.0, math.exp(9.0)), description="lambda-conditioned CCA: the "
+                                           "log-uniform range of lambda (paper Table 5: [1, e^9])")
     lam_unlearning: float = Field(0.05, ge=0.0, description="unlearning: weight of the negative log-likelihood")
     cond_dropout: float = Field(0.1, ge=0.0, le=1.0, description="sft: probability a condition is replaced by null")
     reference: Literal["online", "precomputed"] = "online"
@@ -181,10 +188,28 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(50, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
     max_failures: int = Field(2, ge=-1, description="worker-group restarts from the last checkpoint (-1: no limit)")
+    start_timeout_s: float = Field(60.0, gt=0.0, description="how long one try to start the worker group waits "
+                                   "for its resources")
+    start_retries: int = Field(2, ge=0, description="tries to start the worker group after the first; then the "
+                               "run fails naming the resources it asked for and what the cluster has")
     inject_failure_at_step: int | None = Field(
         None, gt=0, description="testing hook: the last rank raises once when it reaches this optimizer step "
         "(a marker file in the run dir makes it once), to exercise resume")
     seed: int = Field(0, description="data order (per-epoch permutation) and condition-dropout draws")
+
+    @model_validator(mode="after")
+    def _lam_sampling(self) -> "TrainConfig":
+        return _check_lam_sampling(self)
+
+
+def _check_lam_sampling(tc: "TrainConfig") -> "TrainConfig":
+    low, high = tc.lam_range
+    if not 0 < low < high or not math.isfinite(high):
+        raise ValueError(f"lam_range must be [low, high] with 0 < low < high, got {list(tc.lam_range)}")
+    if tc.lam_sampling == "loguniform" and tc.objective not in ("cca", "cca_cfg"):
+        raise ValueError(f"lam_sampling=loguniform is lambda-conditioned CCA: objective must be cca or cca_cfg, "
+                         f"got {tc.objective}")
+    return tc
 
 
 class SampleConfig(_Section):
@@ -198,6 +223,10 @@ class SampleConfig(_Section):
     cfg_schedule: Literal["linear", "constant"] = Field(
         "linear", description="VAR: guidance per scale; linear = VAR's ramp g * k / (K - 1) over its K scales "
         "(CFGv2, its sampler's default), constant = g at every scale. Raster families: always constant")
+    cca_lambda: float | None = Field(None, gt=0.0, description="serve: lambda of a lambda-conditioned CCA model when a "
+                                     "request gives none; None: the model's default")
+    guidance_beta: float | None = Field(None, ge=0.0, le=1.0, description="serve: beta of a GFT model when a request "
+                                        "gives none; None: the model's default")
 
 
 class EvalConfig(_Section):
@@ -212,6 +241,9 @@ class EvalConfig(_Section):
                                    "None: as decoded")
     classifier_epochs: int = Field(12, gt=0, description="mnist-cnn: epochs over the train split (trained once, cached)")
     cfg_scales: list[float] = [0.0, 0.5, 1.0, 2.0, 3.0]
+    lam_values: list[float] = Field([1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0], description="a lambda-conditioned "
+                                    "model is scored at each of these (inside its trained range)")
+    beta_values: list[float] = Field([1.0, 0.7, 0.5, 0.35, 0.25], description="a GFT model is scored at each guidance_beta")
     kid_subset_size: int = Field(100, gt=1)
     prc_neighborhood: int = Field(3, gt=0)
     workers: int = Field(2, gt=0)
@@ -226,6 +258,9 @@ class TuneConfig(_Section):
     grace_period: int = Field(1, gt=0, description="ASHA: reports before a trial may be stopped")
     reduction_factor: float = Field(2.0, gt=1.0)
     baselines: list[Literal["dpo", "unlearning"]] = ["dpo", "unlearning"]
+    extra_methods: list[Literal["lam_conditioned", "gft"]] = Field(
+        [], description="also train a lambda-conditioned CCA model and/or a GFT model (same budget) and draw "
+        "them over eval.lam_values / eval.beta_values on the trade-off plot")
     seed: int = 0
 
 
@@ -250,6 +285,7 @@ class ServeConfig(_Section):
     num_cpus: float = Field(1.0, gt=0.0, description="CPUs per replica (also its torch threads)")
     num_gpus: float = Field(0.0, ge=0.0, description="GPUs per replica (>0 samples on CUDA)")
     max_n: int = Field(8, gt=0, description="most images one request may ask for")
+    max_body_bytes: int = Field(1 << 20, gt=0, description="largest request body accepted; larger gets a 413")
     max_batch_size: int = Field(16, gt=0, description="most images in one batched decode")
     batch_wait_timeout_s: float = Field(0.05, ge=0.0, description="how long a batch waits to fill")
     request_timeout_s: float = Field(120.0, gt=0.0, description="a request waiting longer gets a 504")

@@ -1,4 +1,4 @@
-"""Training objectives: CCA, CCA+CFG, and the paper's baselines (DPO, Unlearning, SFT).
+"""Training objectives: CCA, CCA+CFG, the paper's baselines (DPO, Unlearning, SFT), and GFT.
 
 Pure tensors in, tensors out. Every ``*_logp_*`` input is a ``Tensor[K]`` holding
 log p(x|c) in nats, summed over the image tokens of one sequence (what
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-OBJECTIVES = ("sft", "cca", "cca_cfg", "dpo", "unlearning")
+OBJECTIVES = ("sft", "cca", "cca_cfg", "dpo", "unlearning", "gft")
 
 # mean name -> count key that divides its "<name>_sum"; the whole metric contract.
 METRIC_COUNTS = {
@@ -70,6 +70,17 @@ def _check_scalar(name: str, value: float, *, positive: bool) -> None:
         raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
 
 
+def _check_lam(lam: float | Tensor, k: int) -> None:
+    """λ is one number >= 0, or one per row (λ-conditioned CCA): a float Tensor[K] of finite values >= 0."""
+    if not isinstance(lam, Tensor):
+        _check_scalar("lam", lam, positive=False)
+        return
+    if tuple(lam.shape) != (k,) or not lam.is_floating_point():
+        raise ValueError(f"lam as a tensor must be float of shape ({k},) (one λ per row), got {lam.dtype} {tuple(lam.shape)}")
+    if not bool(torch.isfinite(lam).all()) or bool((lam < 0).any()):
+        raise ValueError("lam must hold finite values >= 0")
+
+
 def _delta(policy: Tensor, ref: Tensor) -> Tensor:
     # Sums over ~1k tokens are O(1e3) nats: bf16 would leave Δ with a resolution of
     # several nats, so the subtraction is done in at least float32. The reference
@@ -79,40 +90,43 @@ def _delta(policy: Tensor, ref: Tensor) -> Tensor:
 
 
 def cca_loss_terms(policy_logp_pos: Tensor, ref_logp_pos: Tensor, policy_logp_neg: Tensor,
-                   ref_logp_neg: Tensor, *, beta: float, lam: float,
+                   ref_logp_neg: Tensor, *, beta: float, lam: float | Tensor,
                    neg_is_null: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Per-row CCA terms ``(pos_loss[K], neg_loss[K])``; :func:`cca_loss` is ``(pos + neg).mean()``.
 
     pos_loss_k = −log σ(β·Δpos_k);  neg_loss_k = −w_k·log σ(s_k·β·Δneg_k), with
-    (w_k, s_k) = (λ, −1) for a real mismatched negative and (1, +1) where
-    ``neg_is_null[k]`` (CCA+CFG: a null-conditioned row is a positive). Exposed so
-    that exact-expectation checks can weight the two terms separately.
+    (w_k, s_k) = (λ_k, −1) for a real mismatched negative and (1, +1) where
+    ``neg_is_null[k]`` (CCA+CFG: a null-conditioned row is a positive). ``lam`` is one λ or
+    a Tensor[K] of per-row λ_k (λ-conditioned CCA). Exposed so that exact-expectation checks
+    can weight the two terms separately.
     """
     k = _check_logps(policy_logp_pos=policy_logp_pos, ref_logp_pos=ref_logp_pos,
                      policy_logp_neg=policy_logp_neg, ref_logp_neg=ref_logp_neg)
     _check_scalar("beta", beta, positive=True)
-    _check_scalar("lam", lam, positive=False)
+    _check_lam(lam, k)
     _check_null_mask(neg_is_null, k)
     d_pos = _delta(policy_logp_pos, ref_logp_pos)
     d_neg = _delta(policy_logp_neg, ref_logp_neg)
+    if isinstance(lam, Tensor):
+        lam = lam.detach().to(device=d_neg.device, dtype=d_neg.dtype)
     pos_loss = -F.logsigmoid(beta * d_pos)  # logsigmoid, not log(sigmoid): finite at |βΔ| ~ 1e4
     if neg_is_null is None:
         neg_loss = -lam * F.logsigmoid(-beta * d_neg)
     else:
         null = neg_is_null.to(d_neg.device)
         sign = torch.where(null, 1.0, -1.0).to(d_neg.dtype)
-        weight = torch.where(null, 1.0, float(lam)).to(d_neg.dtype)
+        weight = torch.where(null, torch.ones_like(d_neg), lam if isinstance(lam, Tensor) else float(lam)).to(d_neg.dtype)
         neg_loss = -weight * F.logsigmoid(sign * beta * d_neg)
     return pos_loss, neg_loss
 
 
 def cca_loss(policy_logp_pos: Tensor, ref_logp_pos: Tensor, policy_logp_neg: Tensor,
-             ref_logp_neg: Tensor, *, beta: float, lam: float,
+             ref_logp_neg: Tensor, *, beta: float, lam: float | Tensor,
              neg_is_null: Tensor | None = None) -> Tensor:
     """Condition Contrastive Alignment loss (a scalar, nats per row).
 
     L = mean_k[ −log σ(β·Δpos_k) − w_k·log σ(s_k·β·Δneg_k) ],  Δ = policy − ref (Tensor[K] each).
-    Real negatives: w = λ, s = −1. Rows with ``neg_is_null[k]`` (bool Tensor[K], CCA+CFG)
+    Real negatives: w = λ (or λ_k, a Tensor[K]), s = −1. Rows with ``neg_is_null[k]`` (bool Tensor[K], CCA+CFG)
     count as positives: w = 1, s = +1. At the optimum β·Δ(x, c) = log p(x|c)/p(x) − log λ.
     Raises ValueError naming the argument for beta <= 0, lam < 0 or mismatched shapes.
     """
@@ -158,6 +172,35 @@ def unlearning_loss(policy_logp_pos: Tensor, policy_logp_neg: Tensor, *, lam_u: 
     dtype = torch.promote_types(policy_logp_pos.dtype, torch.float32)
     per_row = -policy_logp_pos.to(dtype) + lam_u * policy_logp_neg.to(dtype)
     return per_row.mean() / num_tokens
+
+
+def gft_loss(cond_logits: Tensor, uncond_logits: Tensor, targets: Tensor, beta: Tensor) -> Tensor:
+    """Guidance-Free Training (Chen et al., ICML 2025; thu-ml/GFT's GFT_c2i.py), nats per image token.
+
+    cond_logits: [K, N, V] logits l_θ(x|c_k, β_k) at every image token (with gradient);
+    uncond_logits: [K, N, V] l_θ(x|∅, β=1) of the same model (stop-gradient: detached here);
+    targets: LongTensor[K, N] codes; beta: Tensor[K] in [0, 1] (1 where the label was dropped).
+
+        L = mean_{k,n} CE( softmax(β_k·l_c[k,n] + (1 − β_k)·sg(l_u[k,n])), x_{k,n} )
+
+    The mixture is the implicit conditional model; at the optimum l_c = l_u + (l_true_c − l_u)/β, the
+    CFG-guided model of scale 1/β, which is then sampled alone (one forward per token) at a chosen β.
+    """
+    if not (isinstance(cond_logits, Tensor) and isinstance(uncond_logits, Tensor)):
+        raise TypeError("cond_logits and uncond_logits must be tensors [K, N, V]")
+    if cond_logits.ndim != 3 or cond_logits.shape != uncond_logits.shape:
+        raise ValueError(f"cond_logits {tuple(cond_logits.shape)} and uncond_logits {tuple(uncond_logits.shape)} "
+                         "must both be [K, N, V]")
+    k, n, _ = cond_logits.shape
+    if tuple(targets.shape) != (k, n) or targets.is_floating_point():
+        raise ValueError(f"targets must be a LongTensor of shape ({k}, {n}), got {targets.dtype} {tuple(targets.shape)}")
+    if tuple(beta.shape) != (k,) or not beta.is_floating_point():
+        raise ValueError(f"beta must be a float Tensor of shape ({k},), got {tuple(beta.shape)}")
+    if bool((beta < 0).any()) or bool((beta > 1).any()):
+        raise ValueError("beta must lie in [0, 1]")
+    b = beta.detach().to(cond_logits.device, torch.float32)[:, None, None]
+    mix = b * cond_logits.float() + (1.0 - b) * uncond_logits.detach().float()
+    return F.cross_entropy(mix.flatten(0, 1), targets.to(mix.device).flatten().long())
 
 
 def preference_metric_sums(policy_logp_pos: Tensor, ref_logp_pos: Tensor, policy_logp_neg: Tensor,
@@ -213,13 +256,15 @@ def preference_metrics(policy_logp_pos: Tensor, ref_logp_pos: Tensor, policy_log
                                                    ref_logp_neg, neg_is_null))
 
 
-def objective_loss(objective: str, batch_logps: Mapping[str, Tensor], *, beta: float, lam: float,
+def objective_loss(objective: str, batch_logps: Mapping[str, Tensor], *, beta: float, lam: float | Tensor,
                    lam_unlearning: float, num_tokens: int | float) -> tuple[Tensor, dict[str, Tensor]]:
     """Dispatch for the trainer: ``(loss scalar, metric sums)`` for ``objective`` in :data:`OBJECTIVES`.
 
     ``batch_logps`` keys: policy_logp_pos, ref_logp_pos, policy_logp_neg, ref_logp_neg
     (Tensor[K]) and neg_is_null (bool Tensor[K]); sft needs only policy_logp_pos,
     unlearning only the two policy ones. ``neg_is_null`` is used by "cca_cfg" only.
+    gft reads cond_logits, uncond_logits ([K, N, V]), targets ([K, N]) and gft_beta ([K]) instead
+    (:func:`gft_loss`). ``lam``: one λ or per-row λ_k (λ-conditioned CCA).
     Metric sums always hold ``loss_sum``/``count_rows`` and, when all four logps are
     given, the :func:`preference_metric_sums`; reduce with :func:`finalize_metrics`.
     """
@@ -229,6 +274,7 @@ def objective_loss(objective: str, batch_logps: Mapping[str, Tensor], *, beta: f
         "dpo": ("policy_logp_pos", "ref_logp_pos", "policy_logp_neg", "ref_logp_neg"),
         "cca": ("policy_logp_pos", "ref_logp_pos", "policy_logp_neg", "ref_logp_neg"),
         "cca_cfg": ("policy_logp_pos", "ref_logp_pos", "policy_logp_neg", "ref_logp_neg", "neg_is_null"),
+        "gft": ("cond_logits", "uncond_logits", "targets", "gft_beta"),
     }
     if objective not in needs:
         raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}")
@@ -238,6 +284,8 @@ def objective_loss(objective: str, batch_logps: Mapping[str, Tensor], *, beta: f
     b = batch_logps
     if objective == "sft":
         loss = sft_loss(b["policy_logp_pos"], num_tokens)
+    elif objective == "gft":
+        loss = gft_loss(b["cond_logits"], b["uncond_logits"], b["targets"], b["gft_beta"])
     elif objective == "unlearning":
         loss = unlearning_loss(b["policy_logp_pos"], b["policy_logp_neg"], lam_u=lam_unlearning,
                                num_tokens=num_tokens)
@@ -248,7 +296,7 @@ def objective_loss(objective: str, batch_logps: Mapping[str, Tensor], *, beta: f
         loss = cca_loss(b["policy_logp_pos"], b["ref_logp_pos"], b["policy_logp_neg"], b["ref_logp_neg"],
                         beta=beta, lam=lam, neg_is_null=b["neg_is_null"] if objective == "cca_cfg" else None)
 
-    k = b["policy_logp_pos"].shape[0]
+    k = (b["targets"] if objective == "gft" else b["policy_logp_pos"]).shape[0]
     metrics = {"loss_sum": loss.detach().float() * k,
                "count_rows": torch.tensor(float(k), device=loss.device)}
     prefs = ("policy_logp_pos", "ref_logp_pos", "policy_logp_neg", "ref_logp_neg")

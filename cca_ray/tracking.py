@@ -89,6 +89,15 @@ def log_metrics(uri: str, run_id: str, metrics: Mapping[str, float], step: int) 
         client(uri).log_batch(run_id, metrics=items)
 
 
+STEP_KEY = "logged_step"  # logged with every metric batch: the history's own record of which steps it holds
+
+
+def last_logged_step(uri: str, run_id: str) -> int:
+    """The highest step any metric batch was logged at (STEP_KEY's history), -1 for none."""
+    steps = [m.step for m in client(uri).get_metric_history(run_id, STEP_KEY)]
+    return max(steps, default=-1)
+
+
 def log_text(uri: str, run_id: str, text: str, artifact_file: str) -> None:
     client(uri).log_text(run_id, text, artifact_file)
 

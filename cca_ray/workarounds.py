@@ -60,3 +60,15 @@ def free_orphan_placement_groups(bundle_cpu: float) -> int:
     if removed:
         print(f"freed {removed} placement group(s) left by stopped trials", flush=True)
     return removed
+
+
+def is_worker_start_timeout(e: BaseException) -> bool:
+    """Whether a Train run failed because its worker group never got its resources.
+
+    Ray Train V2 raises it as a ControllerError (public) wrapping WorkerGroupStartupTimeoutError,
+    which lives in a private module; only that class tells "no resources" from other controller
+    failures, and the run must then name what it asked for (cca_ray.train.driver)."""
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+    from ray.train.v2.api.exceptions import ControllerError
+
+    return isinstance(e, ControllerError) and isinstance(e.controller_failure, WorkerGroupStartupTimeoutError)

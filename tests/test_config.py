@@ -7,7 +7,7 @@ from importlib import resources
 import pytest
 import yaml
 
-from cca_ray.config import ConfigError, available_presets, flat_params, load_config, parse_override
+from cca_ray.config import ConfigError, available_presets, flat_params, load_config, parse_override, with_overrides
 
 
 def test_presets_shipped():
@@ -134,10 +134,14 @@ def test_every_path_is_absolute_once_loaded(tmp_path, monkeypatch):
     """Tune trials and Ray workers run in directories of their own: a relative path must be resolved
     against the user's current directory when the config is loaded, never later."""
     monkeypatch.chdir(tmp_path)
-    cfg = load_config("smoke", overrides=["data.path=imgs", "model.path=~/m", "serve.checkpoint=models:/x/1"])
+    cfg = load_config("smoke", overrides=["data.path=imgs", "model.path=~/m", "serve.checkpoint=models:/x/1",
+                                          "tokenizer.path=tok", "tune.space=spaces/s.yaml"])
     assert cfg.workdir == str(tmp_path / "cca_work")  # the default ./cca_work
     assert cfg.data.path == str(tmp_path / "imgs")
     assert cfg.model.path.startswith("/") and "~" not in cfg.model.path
+    assert cfg.tokenizer.path == str(tmp_path / "tok") and cfg.tune.space == str(tmp_path / "spaces/s.yaml")
+    trial = with_overrides(cfg, {"train.lam": 2.0, "tune.space": "other.yaml"})  # as a Tune trial applies its sample
+    assert trial.tune.space == str(tmp_path / "other.yaml") and trial.workdir == cfg.workdir
     assert cfg.serve.checkpoint == "models:/x/1"  # URIs stay as they are
     assert load_config("smoke", workdir="w").workdir == str(tmp_path / "w")
     monkeypatch.chdir("/")

@@ -217,7 +217,7 @@ def test_objective_loss_dispatch():
         "cca": cca_loss(pol_pos, ref_pos, pol_neg, ref_neg, beta=0.5, lam=2.0),
         "cca_cfg": cca_loss(pol_pos, ref_pos, pol_neg, ref_neg, beta=0.5, lam=2.0, neg_is_null=null),
     }
-    assert set(expected) == set(OBJECTIVES)
+    assert set(expected) | {"gft"} == set(OBJECTIVES)  # gft reads logits, not logps: its own test below
     assert expected["cca"].item() != pytest.approx(expected["cca_cfg"].item())
     for objective, want in expected.items():
         loss, metrics = objective_loss(objective, batch, **kw)
@@ -258,8 +258,60 @@ def test_bad_arguments_raise_naming_the_argument():
         unlearning_loss(args[0], args[2], lam_u=-1.0, num_tokens=4)
     with pytest.raises(ValueError, match="num_tokens"):
         sft_loss(args[0], 0)
-    with pytest.raises(ValueError, match=r"\['sft', 'cca', 'cca_cfg', 'dpo', 'unlearning'\]"):
+    with pytest.raises(ValueError, match=r"\['sft', 'cca', 'cca_cfg', 'dpo', 'unlearning', 'gft'\]"):
         objective_loss("ppo", {}, beta=1.0, lam=1.0, lam_unlearning=0.0, num_tokens=4)
     with pytest.raises(ValueError, match="neg_is_null"):
         objective_loss("cca_cfg", dict(zip(("policy_logp_pos", "ref_logp_pos", "policy_logp_neg", "ref_logp_neg"),
                                            args)), beta=1.0, lam=1.0, lam_unlearning=0.0, num_tokens=4)
+
+
+# -- λ-conditioned CCA and GFT -------------------------------------------------------------
+def test_cca_with_a_lambda_per_row_weights_each_negative_by_its_own_lambda():
+    """Δpos = 0, Δneg = −log 3 / β on both rows; λ = (1, 8):
+    row terms log 2 + λ_k·log(4/3), so L = log 2 + (1 + 8)/2 · log(4/3) (one row with λ=8 and CCA+CFG's null
+    flag counts as a positive instead: weight 1, −log σ(−log 3) = log 4)."""
+    beta = 0.5
+    pp, rp, pn, rn = _logps([0.0, 0.0], [-LOG3 / beta, -LOG3 / beta])
+    lam = torch.tensor([1.0, 8.0], dtype=torch.float64)
+    assert cca_loss(pp, rp, pn, rn, beta=beta, lam=lam).item() == pytest.approx(LOG2 + 4.5 * math.log(4 / 3))
+    null = torch.tensor([False, True])
+    got = cca_loss(pp, rp, pn, rn, beta=beta, lam=lam, neg_is_null=null).item()
+    assert got == pytest.approx(LOG2 + (math.log(4 / 3) + math.log(4)) / 2)
+    with pytest.raises(ValueError, match=r"one λ per row"):
+        cca_loss(pp, rp, pn, rn, beta=beta, lam=torch.ones(3))
+    with pytest.raises(ValueError, match="lam must hold finite values >= 0"):
+        cca_loss(pp, rp, pn, rn, beta=beta, lam=torch.tensor([1.0, -1.0]))
+
+
+def test_gft_loss_at_a_hand_derived_point():
+    """Two rows, one token each, V = 2 codes.
+
+    Row 0: l_c = (2, 0), l_u = (0, 0), β = 1/2 -> mixture (1, 0); target 0:
+           CE = −log(e/(e + 1)) = log(1 + e^−1).
+    Row 1 (label dropped, β = 1): l_c = (0, log 3), l_u = (5, 5) -> mixture = l_c; target 1:
+           CE = −log(3/4) = log(4/3).
+    L = (log(1 + e^−1) + log(4/3)) / 2.
+    Gradient: ∂L/∂l_c[0] = β·(softmax(1, 0) − (1, 0)) / 2 = ½·(σ(1) − 1, 1 − σ(1)) / 2; ∂L/∂l_c[1] =
+    (1/4 − 0, 3/4 − 1) / 2; the unconditional logits get none (stop-gradient)."""
+    from cca_ray.loss import gft_loss
+
+    lc = torch.tensor([[[2.0, 0.0]], [[0.0, LOG3]]], dtype=torch.float64, requires_grad=True)
+    lu = torch.tensor([[[0.0, 0.0]], [[5.0, 5.0]]], dtype=torch.float64, requires_grad=True)
+    x = torch.tensor([[0], [1]])
+    beta = torch.tensor([0.5, 1.0])
+    loss = gft_loss(lc, lu, x, beta)
+    assert loss.item() == pytest.approx((math.log(1 + math.exp(-1)) + math.log(4 / 3)) / 2, rel=1e-6)
+    loss.backward()
+    s1 = 1 / (1 + math.exp(-1))
+    want = torch.tensor([[[0.5 * (s1 - 1) / 2, 0.5 * (1 - s1) / 2]], [[0.25 / 2, -0.25 / 2]]], dtype=torch.float64)
+    assert torch.allclose(lc.grad, want, atol=1e-6)
+    assert lu.grad is None
+    # through the trainer's dispatch, with the metric sums every objective reports
+    lc2 = lc.detach().requires_grad_()
+    total, metrics = objective_loss("gft", {"cond_logits": lc2, "uncond_logits": lu.detach(), "targets": x,
+                                            "gft_beta": beta}, beta=0.1, lam=1.0, lam_unlearning=0.0, num_tokens=1)
+    assert total.item() == pytest.approx(loss.item()) and float(metrics["count_rows"]) == 2
+    with pytest.raises(ValueError, match=r"beta must lie in \[0, 1\]"):
+        gft_loss(lc, lu, x, torch.tensor([0.5, 1.5]))
+    with pytest.raises(ValueError, match="objective 'gft' needs batch_logps keys"):
+        objective_loss("gft", {"cond_logits": lc}, beta=0.1, lam=1.0, lam_unlearning=0.0, num_tokens=1)

@@ -68,11 +68,22 @@ def test_bad_requests_name_the_field(body, status, param):
         assert param in err["message"]
 
 
+def test_deep_nesting_is_a_400_and_a_big_body_a_413():
+    deep = b"[" * 100_000 + b"]" * 100_000
+    for body in (deep, b'{"prompt": ' + deep + b"}"):
+        with pytest.raises(APIError) as e:
+            validate_request(body, limits(max_body_bytes=1 << 20))
+        assert (e.value.status, e.value.param) == (400, "body") and "nested too deeply" in e.value.body()["error"]["message"]
+    with pytest.raises(APIError) as e:
+        validate_request(b'{"prompt": "' + b"a" * 2000 + b'"}', limits(max_body_bytes=1000))
+    assert e.value.status == 413 and "1000 bytes" in e.value.body()["error"]["message"]
+
+
 def test_good_request_defaults_and_seeds():
     spec = validate_request(b'{"prompt": "a", "n": 3, "seed": 10, "size": "8x8", "guidance_scale": 2}',
                             limits(temperature=0.9, top_k=7))
     assert spec.seeds == [10, 11, 12] and spec.n == 3 and spec.cond_prompt == "a"
-    assert spec.key == (2.0, 0.9, 7, None, (4, 4))
+    assert spec.key == (2.0, 0.9, 7, None, (4, 4), None, None)  # no knob: cca_lambda, guidance_beta None
     assert validate_request(b'{"prompt": "a", "size": "auto"}', limits()).seeds is None
 
 
@@ -84,6 +95,36 @@ def test_class_through_label_or_prompt():
     with pytest.raises(APIError, match="no class labels"):
         validate_request(b'{"label": 7}', limits(label_prompts={}))
     assert validate_request(b'{"prompt": ""}', lim).cond_prompt == ""  # the null condition: unconditional
+
+
+def test_knob_fields_are_checked_against_the_trained_range():
+    """cca_lambda / guidance_beta: a 400 naming the field and the trained range, or the knob the model lacks."""
+    import math
+
+    from cca_ray.models.knob import beta_spec, lam_spec
+
+    lam = limits(knob=lam_spec(1.0, math.exp(9), 3.0), cca_lambda=3.0)
+    spec = validate_request(b'{"prompt": "a", "cca_lambda": 300}', lam)
+    assert spec.key.cca_lambda == 300.0 and spec.key.guidance_beta is None
+    assert validate_request(b'{"prompt": "a"}', lam).key.cca_lambda == 3.0  # the server's default
+    for body, msg in [(b'{"prompt": "a", "cca_lambda": 1e5}', r"cca_lambda=100000 is outside the range this model "
+                                                                r"was trained on, \[1, 8103.08\]"),
+                      (b'{"prompt": "a", "cca_lambda": 0.5}', "outside the range"),
+                      (b'{"prompt": "a", "guidance_beta": 0.5}', "guidance_beta: this model is not trained with GFT")]:
+        with pytest.raises(APIError, match=msg) as e:
+            validate_request(body, lam)
+        assert e.value.status == 400 and e.value.param in body.decode()
+    plain = limits()
+    assert validate_request(b'{"prompt": "a"}', plain).key.cca_lambda is None
+    with pytest.raises(APIError, match="cca_lambda: this model is not λ-conditioned") as e:
+        validate_request(b'{"prompt": "a", "cca_lambda": 10}', plain)
+    assert e.value.param == "cca_lambda"
+    gft = limits(knob=beta_spec(), guidance_beta=0.5)
+    assert validate_request(b'{"prompt": "a", "guidance_beta": 0.3}', gft).key.guidance_beta == 0.3
+    with pytest.raises(APIError, match=r"guidance_beta=2 is outside .*\[0, 1\]"):
+        validate_request(b'{"prompt": "a", "guidance_beta": 2}', gft)
+    with pytest.raises(APIError, match="guidance_beta"):
+        validate_request(b'{"prompt": "a", "guidance_beta": "0.3"}', gft)  # strict: a string is not a float
 
 
 def test_png_and_grid():
@@ -318,6 +359,9 @@ def test_each_bad_request_gets_its_4xx_and_serving_goes_on(app):
         ({"prompt": "a", "response_format": "url"}, 400, "response_format"),
         ({"prompt": "a", "model": "gpt-image-1"}, 404, "model"),
         ({"label": 42}, 400, "label"),
+        (b"[" * 100_000 + b"]" * 100_000, 400, "body"),  # nested past the parser's recursion limit
+        (b'{"prompt": "' + b"a" * (cfg.serve.max_body_bytes + 1) + b'"}', 413, "body"),
+        ({"prompt": "a", "cca_lambda": 10.0}, 400, "cca_lambda"),  # this model is not λ-conditioned
     ]
     for body, status, param in cases:
         r = _post(url, body)
@@ -381,3 +425,46 @@ def test_queue_bound_and_timeout(app):
     finally:
         serve.delete("cca-ray-tight")
     assert _post(url, {"prompt": "a", "seed": 2}).status_code == 200
+
+
+@pytest.mark.e2e
+def test_lambda_conditioned_model_over_http(app):
+    """A λ-conditioned model served beside the first: cca_lambda picks λ per request (same seed, other
+    image), the default applies when it is absent, and a λ outside the trained range is a 400 that says so."""
+    import httpx
+    import torch
+    from ray import serve
+
+    from cca_ray.models import knob, load_model
+    from cca_ray.serve.app import build_app
+
+    cfg, url = app
+    m = load_model(cfg.root / "model")
+    emb = knob.attach(m.module, m.condition_dim, knob.lam_spec(1.0, 100.0, 10.0))
+    with torch.no_grad():  # a trained-looking embedder: λ moves the condition embedding a lot
+        for p in emb.parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 3.0)
+    m.save(cfg.root / "lam_model")
+    lam_cfg = cfg.model_copy(deep=True)
+    lam_cfg.serve.log_images_to_mlflow = False
+    serve.run(build_app(lam_cfg, cfg.root / "lam_model"), name="cca-ray-lam", route_prefix="/lam")
+    try:
+        base = url.replace("/v1", "/lam/v1")
+
+        def post(body):
+            return httpx.post(f"{base}/images/generations", json=body, timeout=60)
+
+        req = {"prompt": "a handwritten digit three", "n": 4, "seed": 11}
+        lo, hi, again = post({**req, "cca_lambda": 1.0}), post({**req, "cca_lambda": 100.0}), post({**req, "cca_lambda": 1.0})
+        assert lo.status_code == hi.status_code == 200, (lo.text, hi.text)
+        imgs = lambda r: [d["b64_json"] for d in r.json()["data"]]
+        assert imgs(lo) == imgs(again) and imgs(lo) != imgs(hi)
+        assert imgs(post({**req, "cca_lambda": 10.0})) == imgs(post(req))  # absent: the model's default λ
+        bad = post({**req, "cca_lambda": 1000.0})
+        assert bad.status_code == 400
+        err = bad.json()["error"]
+        assert err["param"] == "cca_lambda" and "outside the range this model was trained on, [1, 100]" in err["message"]
+        health = httpx.get(url.replace("/v1", "/lam/healthz")).json()
+        assert health["knob"] == {"name": "cca_lambda", "trained_range": [1.0, 100.0], "default": 10.0}
+    finally:
+        serve.delete("cca-ray-lam")

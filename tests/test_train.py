@@ -256,3 +256,44 @@ def test_a_trial_stopped_after_its_last_step_is_exported_from_its_checkpoint(pro
     trained = _params(t.engine.module)
     assert all(torch.equal(exported[n], trained[n]) for n in trained)
     assert finished_export(trial, tiny_model, zero_stage=2, dtype="float32") == out  # already there: kept
+
+
+def test_mlflow_holds_each_step_once_across_restarts(process_group, tiny_model, tmp_path):
+    """Metrics reach MLflow only once a checkpoint covering them is committed, and never twice: a restart
+    from an earlier checkpoint redoes steps MLflow already holds (skipped), and a death right after a
+    commit (before the flush) loses nothing (the buffer travels in the checkpoint)."""
+    import shutil
+
+    from cca_ray import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = smoke_cfg("train.objective=sft", "train.max_steps=4", "train.log_every=1", "train.checkpoint_every=2")
+
+    def keep(dst, die_at=None):
+        def report(metrics, ckpt_dir):
+            if ckpt_dir is not None:
+                shutil.copytree(ckpt_dir, dst / f"ck{int(metrics['step'])}")
+                if metrics["step"] == die_at:
+                    raise KeyboardInterrupt("dies after the commit, before the flush")
+        return report
+
+    def steps_of(run_id):
+        return [s for s, _ in tracking.metric_history(uri, run_id, "loss")]
+
+    run = tracking.start_run(uri, "t", "a")
+    Trainer(cfg, "train", model_dir=tiny_model, data=synthetic_rows(), mlflow=(uri, run),
+            report=keep(tmp_path / "a")).setup().train()
+    assert steps_of(run) == [1, 2, 3, 4]
+    # restarted from step 2 (e.g. its last commit was not registered): steps 3, 4 are redone, not re-logged
+    Trainer(cfg, "train", model_dir=tiny_model, data=synthetic_rows(), mlflow=(uri, run),
+            report=keep(tmp_path / "a2")).setup(resume_dir=tmp_path / "a" / "ck2").train()
+    assert steps_of(run) == [1, 2, 3, 4] and tracking.last_logged_step(uri, run) == 4
+
+    run = tracking.start_run(uri, "t", "b")
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, "train", model_dir=tiny_model, data=synthetic_rows(), mlflow=(uri, run),
+                report=keep(tmp_path / "b", die_at=2)).setup().train()
+    assert steps_of(run) == []
+    Trainer(cfg, "train", model_dir=tiny_model, data=synthetic_rows(), mlflow=(uri, run),
+            report=keep(tmp_path / "b2")).setup(resume_dir=tmp_path / "b" / "ck2").train()
+    assert steps_of(run) == [1, 2, 3, 4]

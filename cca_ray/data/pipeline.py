@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,11 +42,19 @@ def ordered_datasets() -> Iterator:
     and manifests do not change from run to run. Scoped, not process-wide: Ray Data snapshots the
     current DataContext when a Dataset is created (read_*/from_* copy it, map_batches & co. inherit
     it), so only the datasets built here carry the setting, whenever they execute; other Ray Data
-    users in the process (Ray Train, Tune) keep their own context. Yields the context in force."""
+    users in the process (Ray Train, Tune) keep their own context. Yields the context in force.
+
+    Progress bars on a terminal only: off one, Ray Data logs a multi-line progress block per dataset
+    every few seconds and two INFO lines per execution, hundreds of lines before prepare's own one
+    line per stage; there its logger keeps warnings and errors only (in this process, where the
+    datasets execute, whenever they do)."""
     from ray.data import DataContext
 
     ctx = DataContext.get_current().copy()
     ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = sys.stdout.isatty()
+    if not ctx.enable_progress_bars:
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
     with DataContext.current(ctx):
         yield ctx
 

@@ -2,6 +2,8 @@
 
     python -m cca_ray.evaluate --preset demo                       # the base model, over eval.cfg_scales
     python -m cca_ray.evaluate --checkpoint DIR --guidance 0       # one model, guidance-free
+    python -m cca_ray.evaluate --checkpoint DIR --cca-lambda 1 10 100 1000   # a λ-conditioned model at each λ
+    python -m cca_ray.evaluate --checkpoint DIR --guidance-beta 1 0.5 0.25   # a GFT model at each β
 
 Samples are class-balanced over the dataset's labels (image i asks for class i mod C, with seed
 eval.seed + i), drawn over Ray workers, and scored against the held-out *real* images with the
@@ -77,9 +79,11 @@ def eval_setup(cfg: Config, progress: bool = True) -> EvalSetup:
 
 
 def evaluate_model(
-    setup: EvalSetup, model_path, *, guidance: float = 0.0, n: int | None = None, metrics=None, model=None
+    setup: EvalSetup, model_path, *, guidance: float = 0.0, n: int | None = None, metrics=None, model=None,
+    cca_lambda: float | None = None, guidance_beta: float | None = None,
 ) -> tuple[dict, np.ndarray]:
     """Sample n class-balanced images from model_path (or an in-process `model`) and score them.
+    cca_lambda / guidance_beta: the sampling-time knob of a λ-conditioned CCA / GFT model.
 
     Returns (metrics dict with fid, isc_mean, kid_mean, precision, recall, accuracy, n, ...; images).
     """
@@ -90,7 +94,8 @@ def evaluate_model(
     n = n or cfg.eval.num_samples
     conds, labels = balanced_conditions(setup.label_to_prompt, n, setup.condition_kind)
     kw = dict(guidance=guidance, temperature=cfg.sample.temperature, top_k=cfg.sample.top_k, top_p=cfg.sample.top_p,
-              seed=cfg.eval.seed, batch_size=cfg.sample.batch_size, cfg_schedule=cfg.sample.cfg_schedule)
+              seed=cfg.eval.seed, batch_size=cfg.sample.batch_size,
+              cca_lambda=cca_lambda, guidance_beta=guidance_beta, cfg_schedule=cfg.sample.cfg_schedule)
     if model is not None:
         from cca_ray.tokenizers import load_tokenizer
 
@@ -108,6 +113,10 @@ def evaluate_model(
         seed=cfg.eval.seed,
     )
     out["guidance"] = guidance
+    if cca_lambda is not None:
+        out["lam"] = cca_lambda
+    if guidance_beta is not None:
+        out["beta"] = guidance_beta
     return out, images
 
 
@@ -122,6 +131,37 @@ def cfg_curve(setup: EvalSetup, model_path, scales, n: int | None = None, log=pr
     return rows
 
 
+def knob_values(model_path, cfg: Config, values=None) -> tuple[str, list[float]]:
+    """The knob a saved λ-conditioned / GFT model takes and the values to score it at: `values`, else
+    eval.lam_values / eval.beta_values, kept to the trained range (ValueError for a model without a knob
+    or a value given outside the range)."""
+    from cca_ray.models import knob
+
+    found = knob.saved_spec(model_path)
+    if found is None:
+        raise ValueError(f"{model_path}: not a λ-conditioned or GFT model (no {knob.SPEC_FILE}); "
+                         "sample a fixed-λ model with --guidance")
+    spec = found[0]
+    if values is not None:
+        return spec.name, [spec.check(float(v)) for v in values]
+    grid = cfg.eval.lam_values if spec.name == "cca_lambda" else cfg.eval.beta_values
+    kept = [float(v) for v in grid if spec.low <= v <= spec.high]
+    return spec.name, kept or [spec.default]
+
+
+def knob_curve(setup: EvalSetup, model_path, values=None, n: int | None = None, log=print) -> list[dict]:
+    """One knob-conditioned model scored at many knob values (paper Table 5 / Figure 4: λ or β chosen at
+    sampling time), guidance-free. Rows carry `lam` (cca_lambda) or `beta` (guidance_beta)."""
+    name, values = knob_values(model_path, setup.cfg, values)
+    rows = []
+    for v in values:
+        m, _ = evaluate_model(setup, model_path, guidance=0.0, n=n, **{name: v})
+        rows.append(m)
+        acc = f"  acc {m['accuracy']:.3f}" if "accuracy" in m else ""
+        log(f"  {name} {v:<7g} FID {m['fid']:8.3f}  IS {m['isc_mean']:6.3f}{acc}")
+    return rows
+
+
 def main(argv=None) -> None:
     from cca_ray import tracking
     from cca_ray.cli import parse_stage_args
@@ -130,6 +170,13 @@ def main(argv=None) -> None:
         p.add_argument("--checkpoint", help="model directory to evaluate (default: the base model)")
         p.add_argument("--guidance", type=float, nargs="+", help="guidance scales (default: eval.cfg_scales)")
         p.add_argument("--num-samples", type=int, help="images per scale (default: eval.num_samples)")
+        knobs = p.add_mutually_exclusive_group()
+        knobs.add_argument("--cca-lambda", type=float, nargs="*", metavar="LAM",
+                           help="a λ-conditioned model (train.lam_sampling=loguniform): score it guidance-free at each "
+                           "λ (no value: eval.lam_values inside its trained range)")
+        knobs.add_argument("--guidance-beta", type=float, nargs="*", metavar="BETA",
+                           help="a GFT model (train.objective=gft): score it guidance-free at each β "
+                           "(no value: eval.beta_values)")
 
     cfg, args = parse_stage_args("evaluate", "Sample a model and score it with torch-fidelity", argv, add)
     from cca_ray.raycluster import ensure_ray
@@ -139,9 +186,21 @@ def main(argv=None) -> None:
         raise SystemExit(f"cca_ray.evaluate: error: no model at {model_path}; pass --checkpoint or run pretrain first")
     ensure_ray()
     setup = eval_setup(cfg)
-    scales = args.guidance if args.guidance is not None else cfg.eval.cfg_scales
-    print(f"evaluating {model_path} at guidance {scales} with n={args.num_samples or cfg.eval.num_samples}")
-    rows = cfg_curve(setup, model_path, scales, n=args.num_samples)
+    knob_given = args.cca_lambda if args.cca_lambda is not None else args.guidance_beta
+    if knob_given is not None:
+        try:
+            name, values = knob_values(model_path, cfg, knob_given or None)
+        except ValueError as e:
+            raise SystemExit(f"cca_ray.evaluate: error: {e}") from None
+        if name != ("cca_lambda" if args.cca_lambda is not None else "guidance_beta"):
+            raise SystemExit(f"cca_ray.evaluate: error: {model_path} takes {name}, not "
+                             f"{'cca_lambda' if args.cca_lambda is not None else 'guidance_beta'}")
+        print(f"evaluating {model_path} at {name} {values} with n={args.num_samples or cfg.eval.num_samples}")
+        rows = knob_curve(setup, model_path, values, n=args.num_samples)
+    else:
+        scales = args.guidance if args.guidance is not None else cfg.eval.cfg_scales
+        print(f"evaluating {model_path} at guidance {scales} with n={args.num_samples or cfg.eval.num_samples}")
+        rows = cfg_curve(setup, model_path, scales, n=args.num_samples)
     for r in rows:
         r["method"] = model_path.name
     table = format_table(rows)
@@ -149,7 +208,8 @@ def main(argv=None) -> None:
                                 artifact_root=cfg.root / "mlartifacts", tags={"stage": "evaluate", "model": str(model_path)})
     for i, r in enumerate(rows):
         tracking.log_metrics(cfg.mlflow_uri, run_id, {k: r.get(k) for k in ("fid", "isc_mean", "kid_mean", "precision",
-                                                                        "recall", "accuracy", "guidance")}, step=i)
+                                                                        "recall", "accuracy", "guidance", "lam",
+                                                                        "beta") if r.get(k) is not None}, step=i)
     tracking.log_text(cfg.mlflow_uri, run_id, table, "results.md")
     tracking.end_run(cfg.mlflow_uri, run_id)
     print(table)

@@ -72,11 +72,17 @@ def load_model(path, *, family: str | None = None, device="cpu", dtype=torch.flo
     """Load a local checkpoint (a directory we saved, or a family's released file/directory).
 
     The family comes from the checkpoint's sidecar when not given; family-specific options
-    (LlamaGen's gpt_model, VAR's depth, ...) are passed through to the family's loader."""
+    (LlamaGen's gpt_model, VAR's depth, ...) are passed through to the family's loader. A knob
+    embedder saved beside the weights (cca_ray.models.knob: knob.pt, knob.json) is attached."""
     family = family or checkpoint_family(path) or "emu3"
     if isinstance(dtype, str):
         dtype = DTYPES[dtype]
-    return _entry(family, "load")(path, device=device, dtype=dtype, **options)
+    adapter = _entry(family, "load")(path, device=device, dtype=dtype, **options)
+    if Path(path).is_dir():  # a knob-conditioned model (λ-conditioned CCA, GFT) keeps its embedder beside
+        from cca_ray.models import knob
+
+        knob.load(adapter.module, path)
+    return adapter
 
 
 def loader_options(model_cfg, path) -> dict:

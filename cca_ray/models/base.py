@@ -29,17 +29,28 @@ class Cond:
     prefix ends at the same column and image tokens line up across the batch.
     Text families hold prompt token ids; class families hold class ids [B, 1]
     (the null class where the condition is None) with an all-ones mask.
+    knob: float Tensor[B], each row's sampling-time knob (λ or β, cca_ray.models.knob) for a
+    knob-conditioned model; None: the model's default (or no knob at all).
     """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     grid: tuple[int, int] | None = None
+    knob: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
     def to(self, device) -> "Cond":
-        return Cond(self.input_ids.to(device), self.attention_mask.to(device), self.grid)
+        knob = self.knob.to(device) if self.knob is not None else None
+        return Cond(self.input_ids.to(device), self.attention_mask.to(device), self.grid, knob)
+
+    def with_knob(self, knob: torch.Tensor | None) -> "Cond":
+        """The same conditions with per-row knob values [B] (None: none)."""
+        if knob is not None and tuple(knob.shape) != (len(self),):
+            raise ValueError(f"knob values have shape {tuple(knob.shape)}, expected ({len(self)},)")
+        return Cond(self.input_ids, self.attention_mask, self.grid,
+                    knob.to(self.input_ids.device).float() if knob is not None else None)
 
 
 @runtime_checkable
@@ -51,6 +62,8 @@ class ARVisualModel(Protocol):
     module: nn.Module  # scores sequences; this is what DeepSpeed wraps
     # module parameter-name prefixes the trainer never updates (e.g. Emu3's VQ-VAE inside the checkpoint)
     frozen_prefixes: tuple[str, ...]
+    # width of the condition embedding a knob embedder (cca_ray.models.knob) adds to
+    condition_dim: int
 
     def encode_conditions(self, raw: Sequence[RawCondition], grid: tuple[int, int] | None = None) -> Cond: ...
 
@@ -74,8 +87,17 @@ class ARVisualModel(Protocol):
         top_k: int | None = None,
         top_p: float | None = None,
         seed: int | Sequence[int] | None = None,
+        cca_lambda: float | None = None,
+        guidance_beta: float | None = None,
     ) -> torch.Tensor:
-        """Sample codes LongTensor[B, *code_shape]; guidance=0 runs one forward per step, no unconditional rows."""
+        """Sample codes LongTensor[B, *code_shape]; guidance=0 runs one forward per step, no unconditional rows.
+        cca_lambda / guidance_beta: the knob of a λ-conditioned / GFT model (cca_ray.models.knob), checked
+        against its trained range (ValueError outside it, or for a model without that knob)."""
+        ...
+
+    def token_logits(self, cond: Cond, codes: torch.Tensor, module: nn.Module | None = None) -> torch.Tensor:
+        """Teacher-forced visual-slice logits fp32 [B, N, K] at every image token, aligned with
+        codes.flatten(1) (what GFT's loss mixes); one pass through `module` like sequence_logprob."""
         ...
 
     def external_parameters(self) -> list[nn.Parameter]:

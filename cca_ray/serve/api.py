@@ -7,12 +7,15 @@ rule here has a fast unit test. The wire format follows the OpenAI Images API:
     {"prompt": str, "n": int, "size": "WxH", "response_format": "b64_json", "model": str,
      # extensions
      "seed": int, "guidance_scale": float, "temperature": float, "top_k": int, "top_p": float,
-     "label": int}
+     "label": int, "cca_lambda": float, "guidance_beta": float}
     -> {"created": unix_s, "data": [{"b64_json": PNG, "seed": int, "revised_prompt": str,
                                      "timing": {...}}], "model": str, "size": "WxH"}
 
 Errors carry OpenAI's body, ``{"error": {"message", "type", "param", "code"}}``, whose
-``param`` and message name the offending field.
+``param`` and message name the offending field. ``cca_lambda`` (a λ-conditioned CCA model) and
+``guidance_beta`` (a GFT model) are the model's sampling-time knob (cca_ray.models.knob): a value
+outside the range the model was trained on, or a knob the model does not have, is a 400 that names
+the field and the trained range.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cca_ray.models.knob import KNOBS, KnobSpec, check_value
 
 MAX_SEED = 2**62  # make_seeds gives row i seed+i; keep every row's seed inside a torch Generator's range
 MAX_PROMPT_CHARS = 20_000  # cheap bound before tokenizing; the token limit is the real one
@@ -62,6 +67,8 @@ class ImageGenerationRequest(BaseModel):
     top_k: int | None = Field(None, gt=0)
     top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
     label: int | None = None
+    cca_lambda: float | None = Field(None, allow_inf_nan=False)
+    guidance_beta: float | None = Field(None, allow_inf_nan=False)
 
 
 class SamplingKey(NamedTuple):
@@ -72,6 +79,8 @@ class SamplingKey(NamedTuple):
     top_k: int | None
     top_p: float | None
     grid: tuple[int, int]
+    cca_lambda: float | None = None  # a knob model's knob (None: no knob, or its default)
+    guidance_beta: float | None = None
 
 
 @dataclass
@@ -90,6 +99,10 @@ class ServeLimits:
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
+    max_body_bytes: int = 1 << 20
+    knob: KnobSpec | None = None  # the model's sampling-time knob, if it has one
+    cca_lambda: float | None = None  # defaults (sample.cca_lambda / sample.guidance_beta) for a knob model
+    guidance_beta: float | None = None
 
     @property
     def size(self) -> str:
@@ -117,13 +130,21 @@ def _pydantic_to_api_error(err: ValidationError) -> APIError:
     return APIError(400, f"Invalid {kind} for '{name}': {e['msg']} (got {got!r})", param=name, code=f"invalid_{kind}")
 
 
+def body_too_large(max_body_bytes: int) -> APIError:
+    return APIError(413, f"The request body is larger than this server's limit of {max_body_bytes} bytes "
+                         "(serve.max_body_bytes)", param="body", code="request_too_large")
+
+
 def parse_json_body(body: bytes) -> dict:
-    """Raw body -> dict, or APIError(400) for malformed JSON or a non-object."""
+    """Raw body -> dict, or APIError(400) for malformed JSON, JSON nested too deep to parse, or a non-object."""
     try:
         obj = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise APIError(400, f"We could not parse the JSON body of your request: {e}", param="body",
                        code="invalid_json") from None
+    except RecursionError:  # e.g. [[[[... 100,000 deep: the parser runs out of stack, not the server
+        raise APIError(400, "We could not parse the JSON body of your request: it is nested too deeply",
+                       param="body", code="invalid_json") from None
     if not isinstance(obj, dict):
         raise APIError(400, f"The request body must be a JSON object, got {type(obj).__name__}", param="body",
                        code="invalid_json")
@@ -187,8 +208,28 @@ def raw_condition(cond_prompt: str, req: ImageGenerationRequest, limits: ServeLi
                    param="prompt", code="invalid_value")
 
 
+def knob_values(req: ImageGenerationRequest, limits: ServeLimits) -> dict[str, float | None]:
+    """cca_lambda / guidance_beta for the sampler: the request's, checked against the model's trained
+    range (APIError 400 naming the field), else the server's default for the knob the model has."""
+    out = {}
+    for name in KNOBS:
+        value = getattr(req, name)
+        if value is not None:
+            try:
+                out[name] = check_value(limits.knob, name, value)
+            except ValueError as e:
+                raise APIError(400, f"Invalid value for '{name}': {e}", param=name, code="invalid_value") from None
+        elif limits.knob is not None and limits.knob.name == name:
+            out[name] = getattr(limits, name)
+        else:
+            out[name] = None
+    return out
+
+
 def validate_request(body: bytes, limits: ServeLimits) -> GenerationSpec:
-    """Raw request body -> GenerationSpec, or APIError naming the field."""
+    """Raw request body -> GenerationSpec, or APIError naming the field (413 for a body over max_body_bytes)."""
+    if len(body) > limits.max_body_bytes:
+        raise body_too_large(limits.max_body_bytes)
     try:
         req = ImageGenerationRequest.model_validate(parse_json_body(body))
     except ValidationError as e:
@@ -214,6 +255,7 @@ def validate_request(body: bytes, limits: ServeLimits) -> GenerationSpec:
         top_k=req.top_k if req.top_k is not None else limits.top_k,
         top_p=req.top_p if req.top_p is not None else limits.top_p,
         grid=grid,
+        **knob_values(req, limits),
     )
     seeds = [req.seed + i for i in range(req.n)] if req.seed is not None else None
     return GenerationSpec(cond_prompt=cond_prompt, n=req.n, seeds=seeds, key=key,

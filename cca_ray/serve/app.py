@@ -36,6 +36,7 @@ from cca_ray.serve.api import (
     APIError,
     SamplingKey,
     ServeLimits,
+    body_too_large,
     generation_response,
     models_response,
     png_b64,
@@ -55,6 +56,20 @@ log = logging.getLogger("cca_ray.serve")
 APP_NAME = "cca-ray"
 
 
+async def read_body(request: Request, max_body_bytes: int) -> bytes:
+    """The request body, read no further than max_body_bytes (413 past it, whatever Content-Length says)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_body_bytes:
+        raise body_too_large(max_body_bytes)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_body_bytes:
+            raise body_too_large(max_body_bytes)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 # -- the deployment -------------------------------------------------------------------------------
 @dataclass
 class _Job:
@@ -68,6 +83,20 @@ class _Job:
     @property
     def n(self) -> int:
         return len(self.seeds)
+
+
+def served_knob(model, cfg: Config) -> dict:
+    """ServeLimits' knob fields: the model's sampling-time knob (λ-conditioned CCA, GFT) and the server's
+    default for it, sample.cca_lambda / sample.guidance_beta (checked against the trained range), else
+    the model's own default."""
+    from cca_ray.models import knob
+
+    spec = knob.spec_of(model.module)
+    out = {"knob": spec, "cca_lambda": None, "guidance_beta": None}
+    if spec is not None:
+        given = getattr(cfg.sample, spec.name)
+        out[spec.name] = knob.check_value(spec, spec.name, given) if given is not None else spec.default
+    return out
 
 
 def _batch_images(jobs: list[_Job]) -> int:
@@ -111,7 +140,8 @@ class ImageGenerator:
             model_name=self.name, image_size=(int(hw[1]), int(hw[0])), grid=grid, max_n=s.max_n,
             max_prompt_tokens=int(self.model.max_prompt_tokens), prompt_length=self.model.condition_length,
             label_prompts=load_label_prompts(cfg), condition_kind=self.model.condition_kind, guidance_scale=cfg.sample.guidance_scale,
-            temperature=cfg.sample.temperature, top_k=cfg.sample.top_k, top_p=cfg.sample.top_p)
+            temperature=cfg.sample.temperature, top_k=cfg.sample.top_k, top_p=cfg.sample.top_p,
+            max_body_bytes=s.max_body_bytes, **served_knob(self.model, cfg))
         self.created = int(time.time())
         self.metrics = ServeMetrics("ImageGenerator")
         self.mlflow = MlflowImageLog(cfg, self.name, checkpoint) if s.log_images_to_mlflow else None
@@ -123,8 +153,10 @@ class ImageGenerator:
     # -- routes -------------------------------------------------------------------------------
     @api.get("/healthz")
     def healthz(self) -> dict:
+        k = self.limits.knob
+        knob = {"name": k.name, "trained_range": [k.low, k.high], "default": getattr(self.limits, k.name)} if k else None
         return {"status": "ok", "model": self.name, "size": self.limits.size, "max_n": self.limits.max_n,
-                "labels": {str(k): v for k, v in sorted(self.limits.label_prompts.items())}}
+                "labels": {str(k): v for k, v in sorted(self.limits.label_prompts.items())}, "knob": knob}
 
     @api.get("/v1/models")
     def list_models(self) -> dict:
@@ -142,7 +174,7 @@ class ImageGenerator:
     async def generations(self, request: Request) -> JSONResponse:
         t0 = time.perf_counter()
         try:
-            spec = validate_request(await request.body(), self.limits)
+            spec = validate_request(await read_body(request, self.limits.max_body_bytes), self.limits)
             job = _Job(spec.cond_prompt, spec.cond, spec.seeds or self.make_seeds(None, spec.n), spec.key)
             self._queued(+1)
             try:
@@ -199,7 +231,8 @@ class ImageGenerator:
         seeds = [s for j in jobs for s in j.seeds]
         cond = self.model.encode_conditions(conds, grid=key.grid)
         codes = self.model.generate(cond, guidance=key.guidance_scale, temperature=key.temperature,
-                                    top_k=key.top_k, top_p=key.top_p, seed=seeds)
+                                    top_k=key.top_k, top_p=key.top_p, seed=seeds, cca_lambda=key.cca_lambda,
+                                    guidance_beta=key.guidance_beta)
         t_sampled = time.perf_counter()
         images = np.asarray(self.tok.decode(codes.cpu().numpy().astype(np.int32)))
         pngs = [png_b64(im) for im in images]

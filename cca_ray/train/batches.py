@@ -27,6 +27,7 @@ from cca_ray.data.schema import DataError
 from cca_ray.data.shards import read_dataset, read_manifest
 
 PAIRED_OBJECTIVES = ("cca", "cca_cfg", "dpo", "unlearning")
+UNPAIRED_OBJECTIVES = ("sft", "gft")  # one image and its (possibly dropped) condition per row
 REFERENCE_OBJECTIVES = ("cca", "cca_cfg", "dpo")  # the ones that read log p_phi
 
 
@@ -75,7 +76,7 @@ class TrainRows:
 
 def dataset_for(objective: str, reference: str) -> str:
     """Which dataset dir under data_dir an objective reads."""
-    if objective == "sft":
+    if objective in UNPAIRED_OBJECTIVES:
         return "train"
     if objective == "unlearning":
         return "pairs"  # no reference at all
@@ -235,14 +236,14 @@ def make_micro_batch(data: TrainRows, rows: np.ndarray, objective: str, *, cond_
                      dropout_seed: tuple[int, ...] = (0,)) -> MicroBatch:
     """Select `rows` and build their conditions for `objective` (pure; no model).
 
-    sft: each condition becomes None (null) with probability cond_dropout, drawn from `dropout_seed`
+    sft, gft: each condition becomes None (null) with probability cond_dropout, drawn from `dropout_seed`
     so a repeated step draws the same. cca_cfg: the data's pos_null/neg_null replace a condition by
     None, and a null negative is flagged in neg_is_null (it counts as a positive in the loss).
     """
     codes = torch.from_numpy(data.codes[rows]).long()
     pos = [data.cond[i] for i in rows]
     neg = neg_null = None
-    if objective == "sft":
+    if objective in UNPAIRED_OBJECTIVES:
         if cond_dropout > 0:
             drop = np.random.default_rng(list(dropout_seed)).random(len(rows)) < cond_dropout
             pos = [None if d else p for p, d in zip(pos, drop)]
@@ -270,6 +271,19 @@ def make_micro_batch(data: TrainRows, rows: np.ndarray, objective: str, *, cond_
         ref = (torch.from_numpy(np.ascontiguousarray(ref_pos)), torch.from_numpy(np.ascontiguousarray(ref_neg)))
     seeds = torch.from_numpy(data.row_seeds[rows]) if data.row_seeds is not None else None
     return MicroBatch(codes, pos, neg, neg_null, ref[0], ref[1], rows, seeds)
+
+
+def draw_knob(kind: str, n: int, seed: tuple[int, ...], lam_range: tuple[float, float] | None = None) -> torch.Tensor:
+    """Per-row knob values float32 [n], a pure function of `seed` (the step, rank and micro-step), so a
+    resumed run draws what the interrupted one did: "lam" log-uniform over lam_range (λ-conditioned CCA),
+    "beta" uniform on [0, 1) (GFT)."""
+    u = np.random.default_rng([*seed, 0x6b6e6f62]).random(n)  # a stream of its own, apart from dropout's
+    if kind == "lam":
+        low, high = lam_range
+        return torch.from_numpy(np.exp(np.log(low) + u * (np.log(high) - np.log(low)))).float()
+    if kind == "beta":
+        return torch.from_numpy(u).float()
+    raise ValueError(f"unknown knob kind {kind!r}")
 
 
 def check_reference_columns(data: TrainRows, objective: str) -> None:

@@ -67,8 +67,13 @@ def export_model(ckpt_dir: str | Path, model_dir: str | Path, out_dir: str | Pat
     cca_ray.models.loader_options), the weights from the checkpoint."""
     from cca_ray.models import DTYPES, load_model
 
+    from cca_ray.models import knob
+
     adapter = load_model(model_dir, **(load_options or {}), device="cpu", dtype=torch.float32)
     state = consolidated_state_dict(ckpt_dir, zero_stage)
+    trained = read_state(ckpt_dir) if (Path(ckpt_dir) / STATE_FILE).is_file() else {}
+    if knob.spec_of(adapter.module) is None and trained.get("knob"):  # the run attached a λ / β embedder
+        knob.attach(adapter.module, int(trained["condition_dim"]), knob.spec_from_dict(trained["knob"]))
     result = adapter.module.load_state_dict(state, strict=False)
     trainable = {n for n, _ in adapter.module.named_parameters() if not n.startswith(adapter.frozen_prefixes)}
     missing = sorted(set(result.missing_keys) & trainable)

@@ -31,12 +31,32 @@ from cca_ray.config import Config, ConfigError, TrainConfig, dump_config, flat_p
 from cca_ray.models import condition_kind
 from cca_ray.data.shards import read_manifest
 from cca_ray.raycluster import ensure_ray
-from cca_ray.train.batches import REFERENCE_OBJECTIVES, TrainDataError, dataset_for, read_rows
+from cca_ray.train.batches import PAIRED_OBJECTIVES, REFERENCE_OBJECTIVES, TrainDataError, dataset_for, read_rows
 from cca_ray.train.recipe import Trainer
-from cca_ray.workarounds import quiet_ray_train_reports
+from cca_ray.workarounds import is_worker_start_timeout, quiet_ray_train_reports
 from cca_ray.models import is_checkpoint, loader_options
 
 log = logging.getLogger("cca_ray.train")
+# how often Ray Train's controller polls its workers: a SIGKILLed worker is noticed within this
+HEALTH_CHECK_INTERVAL_S = "0.5"
+
+
+class WorkerStartError(RuntimeError):
+    """The worker group could not get its resources within train.start_retries + 1 tries."""
+
+
+def worker_start_message(run_name: str, tc: TrainConfig, tries: int, cluster: dict, available: dict) -> str:
+    """What the run asked for, what the cluster has, and what to change."""
+    ask = {"CPU": tc.cpus_per_worker, **({"GPU": 1} if tc.use_gpu else {})}
+
+    def show(res: dict) -> str:
+        return ", ".join(f"{k} {v:g}" for k, v in sorted(res.items()) if k in ("CPU", "GPU", "memory") or
+                         k.startswith("accelerator")) or "nothing"
+
+    return (f"{run_name}: could not start {tc.num_workers} Ray Train workers x {{{show(ask)}}} "
+            f"({tries} tries of {tc.start_timeout_s:g} s each). The cluster has {show(cluster)}, of which "
+            f"{show(available)} is free. Lower train.num_workers or train.cpus_per_worker, free the cluster, or "
+            "add nodes; train.start_timeout_s and train.start_retries set how long it waits.")
 
 
 def default_run_name(cfg: Config, section: str, model_id: str) -> str:
@@ -70,7 +90,7 @@ def train_loop_per_worker(config: dict) -> None:
     if not tc.use_gpu:
         torch.set_num_threads(max(1, int(tc.cpus_per_worker)))
     ctx = ray.train.get_context()
-    data = read_rows(config["data_dir"], pairs=tc.objective != "sft",
+    data = read_rows(config["data_dir"], pairs=tc.objective in PAIRED_OBJECTIVES,
                      reference=tc.objective in REFERENCE_OBJECTIVES and tc.reference == "precomputed",
                      condition_kind=condition_kind(cfg.model.family))
     trainer = Trainer(cfg, section, model_dir=config["model_dir"], data=data, rank=ctx.get_world_rank(),
@@ -140,6 +160,11 @@ def run_training(cfg: Config, section: str = "train", *, run_name: str | None = 
     tracking.log_text(uri, run_id, dump_config(cfg), "config.yaml")
 
     ensure_ray()
+    import os
+
+    # read by Ray Train's controller (it propagates these to its actor); start-up tries are bounded below
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(tc.start_timeout_s)
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", HEALTH_CHECK_INTERVAL_S)
     dumped = cfg.model_dump(mode="json")
     dumped["workdir"] = str(cfg.root)  # workers may start in another cwd
     trainer = TorchTrainer(
@@ -152,12 +177,19 @@ def run_training(cfg: Config, section: str = "train", *, run_name: str | None = 
                                      resources_per_worker={"CPU": tc.cpus_per_worker}),
         run_config=RunConfig(name=run_name, storage_path=str(storage), callbacks=callbacks,
                              checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints),
-                             failure_config=FailureConfig(max_failures=tc.max_failures)),
+                             # worker-group start-up timeouts count as controller failures in Train V2
+                             failure_config=FailureConfig(max_failures=tc.max_failures,
+                                                          controller_failure_limit=tc.start_retries)),
     )
     try:
         result = trainer.fit()
-    except BaseException:
+    except BaseException as e:
         tracking.end_run(uri, run_id, "FAILED")
+        if is_worker_start_timeout(e):
+            import ray
+
+            raise WorkerStartError(worker_start_message(run_name, tc, tc.start_retries + 1, ray.cluster_resources(),
+                                                        ray.available_resources())) from None
         raise
     last = Path(result.checkpoint.path) if result.checkpoint is not None else None
     export_dir = None
@@ -200,8 +232,11 @@ def main(argv=None) -> None:
         ensure_ray()  # before prepare(), which would otherwise start Ray its own way
         ensure_inputs(cfg, "train")
         res = run_training(cfg, "train", run_name=args.run_name)
-    except (ConfigError, TrainDataError, DataError) as e:
+    except (ConfigError, TrainDataError, DataError, WorkerStartError) as e:
         raise SystemExit(f"cca_ray.train: error: {e}") from None
+    except KeyboardInterrupt:
+        raise SystemExit("cca_ray.train: interrupted; rerun the same command to resume from the last "
+                         "checkpoint") from None
     print(f"run {res.run_name}: step {res.metrics.get('step')} loss {res.metrics.get('loss')}\n"
           f"  checkpoint {res.checkpoint}\n  export     {res.export_dir}\n  mlflow run {res.mlflow_run_id}")
 

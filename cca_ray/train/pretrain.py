@@ -50,10 +50,17 @@ def build_init_model(cfg: Config, init_dir: Path) -> Path:
 
 def pretrain(cfg: Config, *, force: bool = False, run_name: str | None = None) -> Path:
     """Ensure cfg.base_model_dir holds a base checkpoint; train one if it does not. Returns its path."""
+    from cca_ray import steps
+
     base = cfg.base_model_dir
+    # the base model's step key (cca_ray.steps): a changed data/tokenizer/model/pretrain field retrains it
+    key = steps.step_key(cfg, ("data", "tokenizer", "model", "pretrain"))
     if is_checkpoint(base) and not force:
-        print(f"base model already at {base} (pass --force to retrain)")
-        return base
+        recorded = steps.marker_path(base).exists()
+        if cfg.model.path or not recorded or steps.cached(base, key) is not None:
+            print(f"base model already at {base} (pass --force to retrain)")
+            return base
+        print(f"base model at {base} was trained from other data/tokenizer/model/pretrain settings; retraining")
     if cfg.model.path:
         raise ConfigError(f"model.path is {cfg.model.path} but holds no checkpoint (config.json); pretrain only "
                           "builds the random-init demo model when model.path is unset")
@@ -68,6 +75,7 @@ def pretrain(cfg: Config, *, force: bool = False, run_name: str | None = None) -
     if result.export_dir is None:
         raise RuntimeError(f"pretrain run {result.run_name} produced no checkpoint to export")
     copy_dir_atomic(result.export_dir, base)
+    steps.store(base, key, {"run": result.run_name, "step": result.metrics.get("step")})
     print(f"base model: {base} (from run {result.run_name}, step {result.metrics.get('step')}, "
           f"loss {result.metrics.get('loss')})")
     return base

@@ -28,6 +28,7 @@ import torch
 
 from cca_ray.train import checkpoint as ckpt
 from cca_ray import tracking
+from cca_ray.models import knob as knobs
 from cca_ray.config import Config, TrainConfig
 from cca_ray.loss import finalize_metrics, objective_loss
 from cca_ray.telemetry import TrainMetrics
@@ -37,6 +38,7 @@ from cca_ray.train.batches import (
     BatchPlan,
     TrainRows,
     check_reference_columns,
+    draw_knob,
     make_micro_batch,
     total_steps,
 )
@@ -70,6 +72,15 @@ def reference_config(tc: TrainConfig, world_size: int) -> dict:
         "bf16": {"enabled": tc.bf16},
         "steps_per_print": 2**31 - 1,
     }
+
+
+def knob_spec(tc: TrainConfig) -> knobs.KnobSpec | None:
+    """The knob a run trains the policy to take: β for GFT, λ for λ-conditioned CCA, else none."""
+    if tc.objective == "gft":
+        return knobs.beta_spec()
+    if tc.lam_sampling == "loguniform":
+        return knobs.lam_spec(*tc.lam_range, tc.lam)
+    return None
 
 
 def lr_factor(step: int, *, warmup: int, total: int, schedule: str) -> float:
@@ -156,8 +167,12 @@ class Trainer:
         self.fingerprint = 0
         self.resumed_from = 0
         self.ref_engine = None
+        self.knob = None  # the policy's KnobSpec (λ-conditioned CCA, GFT), set in setup()
         self._grad_norm = float("nan")
         self._perm: tuple[int, Any] = (-1, None)
+        # rank 0's metrics wait here until the checkpoint covering their step is committed (see _flush_mlflow)
+        self.pending_mlflow: list[tuple[int, dict[str, float]]] = []
+        self.mlflow_logged_upto = -1
 
     # -- setup ---------------------------------------------------------------------------
     def _load(self):
@@ -179,6 +194,11 @@ class Trainer:
         ds_config = deepspeed_config(tc, self.world_size)
         self.adapter = self._load()
         module = self.adapter.module
+        spec = knob_spec(tc)
+        if spec is not None and knobs.spec_of(module) is None:
+            # zero-initialised output: at step 0 the policy is exactly the base model
+            knobs.attach(module, self.adapter.condition_dim, spec)
+        self.knob = knobs.spec_of(module) if spec is not None else None
         if self.cfg.model.gradient_checkpointing:
             self.adapter.enable_gradient_checkpointing()
         ckpt.freeze_untrained(module, self.adapter.frozen_prefixes)
@@ -204,19 +224,32 @@ class Trainer:
             state = ckpt.load_engine(self.engine, resume_dir)
             self.step, self.fingerprint = int(state["step"]), int(state["data_fingerprint"])
             self.resumed_from = self.step
+            # what the checkpoint covers but a kill may have kept from MLflow
+            self.pending_mlflow = [(int(s), m) for s, m in state.get("pending_mlflow", [])]
+        if self.rank == 0 and self.mlflow is not None:
+            self.mlflow_logged_upto = tracking.last_logged_step(*self.mlflow)
+            self._flush_mlflow()
         return self
 
     # -- one optimizer step ----------------------------------------------------------------
-    def micro_batch_loss(self, mb) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
-        """Forward one micro-batch: (loss, metric sums, image tokens scored by the policy)."""
+    def micro_batch_loss(self, mb, seed: tuple[int, ...] = (0,)) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+        """Forward one micro-batch: (loss, metric sums, image tokens scored by the policy).
+        `seed` draws the per-row knob values (λ-conditioned CCA, GFT): (train.seed, step, rank, micro)."""
+        tc = self.tc
+        if tc.objective == "gft":
+            return self._gft_loss(mb, seed)
         paired = mb.neg_conds is not None
         cond = self.adapter.encode_conditions(mb.pos_conds + (mb.neg_conds or []), self.data.grid)
         codes = torch.cat([mb.codes, mb.codes]) if paired else mb.codes
         # drop-path (VAR) from per-row seeds when a reference is compared: the same draws as the reference's
         seeds = mb.row_seeds if paired and getattr(self.adapter, "takes_drop_seeds", False) else None
         drop = {} if seeds is None else {"drop_seeds": torch.cat([seeds, seeds])}
-        logp = self.adapter.sequence_logprob(cond, codes, module=self.engine, **drop)
         m = mb.num_images
+        lam, policy_cond = tc.lam, cond  # the reference (the base model) never sees λ
+        if tc.lam_sampling == "loguniform":  # one λ per pair: the row's positive and its negative share it
+            lam = draw_knob("lam", m, seed, tc.lam_range)
+            policy_cond = cond.with_knob(torch.cat([lam, lam]) if paired else lam)
+        logp = self.adapter.sequence_logprob(policy_cond, codes, module=self.engine, **drop)
         logps = {"policy_logp_pos": logp[:m], "policy_logp_neg": logp[m:] if paired else None,
                  "neg_is_null": mb.neg_is_null}
         if self.ref_engine is not None:
@@ -225,10 +258,27 @@ class Trainer:
             logps.update(ref_logp_pos=ref[:m], ref_logp_neg=ref[m:])
         elif mb.ref_logp_pos is not None:
             logps.update(ref_logp_pos=mb.ref_logp_pos.to(logp.device), ref_logp_neg=mb.ref_logp_neg.to(logp.device))
-        tc = self.tc
-        loss, metrics = objective_loss(tc.objective, logps, beta=tc.beta, lam=tc.lam,
+        loss, metrics = objective_loss(tc.objective, logps, beta=tc.beta, lam=lam,
                                        lam_unlearning=tc.lam_unlearning, num_tokens=self.data.num_codes)
         return loss, metrics, codes.shape[0] * self.data.num_codes
+
+    def _gft_loss(self, mb, seed: tuple[int, ...]) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+        """GFT (cca_ray.loss.gft_loss): β ~ U(0, 1) per row, β = 1 where the label was dropped; the
+        conditional logits l(x|c, β) with gradient, the unconditional l(x|∅, β=1) of the same policy without."""
+        m, grid = mb.num_images, self.data.grid
+        dropped = torch.tensor([c is None for c in mb.pos_conds])
+        beta = torch.where(dropped, 1.0, draw_knob("beta", m, seed))
+        cond = self.adapter.encode_conditions(mb.pos_conds, grid).with_knob(beta)
+        cond_logits = self.adapter.token_logits(cond, mb.codes, module=self.engine)
+        with torch.no_grad():
+            null = self.adapter.null_condition(m, grid).with_knob(torch.ones(m))
+            uncond_logits = self.adapter.token_logits(null, mb.codes, module=self.engine)
+        targets = mb.codes.flatten(1).to(cond_logits.device)
+        loss, metrics = objective_loss("gft", {"cond_logits": cond_logits, "uncond_logits": uncond_logits,
+                                              "targets": targets, "gft_beta": beta}, beta=self.tc.beta,
+                                       lam=self.tc.lam, lam_unlearning=self.tc.lam_unlearning,
+                                       num_tokens=self.data.num_codes)
+        return loss, metrics, 2 * m * self.data.num_codes
 
     def step_once(self, window: _Window | None = None) -> None:
         """Optimizer step `self.step` (0-based): grad_accum micro-steps over this rank's rows."""
@@ -241,7 +291,7 @@ class Trainer:
             rows = plan.rows(self.step, self.rank, micro, self._perm[1])
             mb = make_micro_batch(self.data, rows, tc.objective, cond_dropout=tc.cond_dropout,
                                   dropout_seed=(tc.seed, self.step, self.rank, micro))
-            loss, metrics, tokens = self.micro_batch_loss(mb)
+            loss, metrics, tokens = self.micro_batch_loss(mb, seed=(tc.seed, self.step, self.rank, micro))
             self.engine.backward(loss)
             if micro == tc.grad_accum - 1 and tc.zero_stage == 0 and not tc.bf16:
                 # DeepSpeed's fp32 stage-0 path clips without keeping the norm; grads are all-reduced by now
@@ -323,18 +373,40 @@ class Trainer:
         # logging, not print: Ray Train tees a worker's print to stdout and to its log, so it showed twice
         log.info("[%s] step %d/%d %s", self.section, self.step, self.total_steps, shown)
         if self.mlflow is not None:
-            tracking.log_metrics(*self.mlflow, {k: v for k, v in metrics.items() if k != "step"}, step=self.step)
+            self.pending_mlflow.append((self.step, {k: v for k, v in metrics.items() if k != "step"}))
         if self.telemetry is not None:
             self.telemetry.record(metrics, {"run": self.run_name, "objective": self.tc.objective})
 
+    def _flush_mlflow(self) -> None:
+        """Write the buffered metrics to MLflow, skipping steps it already holds.
+
+        MLflow only ever gets steps a committed checkpoint covers: after a worker dies, the group
+        restarts from the last committed checkpoint and redoes the steps past it, which would
+        otherwise be logged twice. The buffer travels in the checkpoint (a kill between commit and
+        flush loses nothing) and `mlflow_logged_upto` (read back from MLflow on setup) drops what a
+        flush before the kill already wrote. Each step is in the history exactly once."""
+        if self.mlflow is None:
+            self.pending_mlflow = []
+            return
+        for step, metrics in self.pending_mlflow:
+            if step > self.mlflow_logged_upto:
+                tracking.log_metrics(*self.mlflow, {**metrics, tracking.STEP_KEY: step}, step=step)
+                self.mlflow_logged_upto = step
+        self.pending_mlflow = []
+
     def save_checkpoint(self, metrics: dict[str, float]) -> None:
-        """Each rank writes its shard into its own temp dir and reports it; Ray merges the uploads."""
+        """Each rank writes its shard into its own temp dir and reports it; Ray merges the uploads.
+        Ray's report returns once the checkpoint is persisted: then rank 0 flushes the metrics it covers."""
         state = {"step": self.step, "total_steps": self.total_steps, "epoch": self.plan.epoch_of(max(0, self.step - 1)),
-                 "data_fingerprint": self.fingerprint, "section": self.section, "objective": self.tc.objective}
+                 "data_fingerprint": self.fingerprint, "section": self.section, "objective": self.tc.objective,
+                 "pending_mlflow": self.pending_mlflow if self.rank == 0 else [],
+                 "knob": knobs.spec_to_dict(self.knob), "condition_dim": self.adapter.condition_dim}
         with tempfile.TemporaryDirectory(prefix=f"cca_ckpt_r{self.rank}_") as tmp:
             ckpt.save_engine(self.engine, tmp, state, self.rank)
             if self.report_fn is not None:
                 self.report_fn(metrics, tmp)
+        if self.rank == 0:
+            self._flush_mlflow()
 
     def gathered_weights(self):
         """Context in which `self.adapter` holds the full current weights. Collective under ZeRO-3 (every

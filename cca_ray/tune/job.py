@@ -4,19 +4,23 @@
     python -m cca_ray.tune --preset smoke         # a couple of minutes
     ray job submit --working-dir . -- python -m cca_ray.tune --preset emu3-gen-a100 --workdir /mnt/shared/cca_work
 
-Steps (each skipped when its output already exists, so an interrupted job picks up where it stopped):
+Steps (each cached under the workdir, keyed by the config fields that produced it (cca_ray.steps), so a
+rerun skips what is done and a changed field recomputes only what depends on it; Ctrl-C stops the job, exit 130):
   1. prepare data and pretrain the base model if missing;
   2. CFG baseline: the base model over eval.cfg_scales (n = eval.num_samples);
   3. ASHA over the tune space (cca_ray/tune_spaces/<preset>.yaml): each trial is a Ray Train CCA run
      (Train inside a Tune trial, named after the trial so it resumes) that reports the FID proxy
      (n = eval.proxy_num_samples, guidance-free) every tune.report_every steps;
   4. every finished trial and the DPO / unlearning baselines (same budget) evaluated guidance-free at n;
-  5. results table (markdown + CSV), trade-off plot, best model registered in the MLflow registry.
+  5. optional (tune.extra_methods): a λ-conditioned CCA model scored over eval.lam_values and a GFT model
+     over eval.beta_values, λ / β chosen at sampling time (one model, many points);
+  6. results table (markdown + CSV), trade-off plot (paper Figure 4), best model registered in the MLflow registry.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -27,6 +31,9 @@ from cca_ray.config import Config, ConfigError, with_overrides
 from cca_ray.evaluate.job import cfg_curve, eval_setup, evaluate_model
 from cca_ray.evaluate.report import format_table, to_csv, trade_off_plot
 from cca_ray.models import loader_options
+from cca_ray import steps
+from cca_ray.steps import step_key
+from cca_ray.tune.extra import run_extra_methods
 from cca_ray.tune.sweep import finished_export, load_space, run_asha
 
 # -- reporting --------------------------------------------------------------------------
@@ -61,16 +68,47 @@ def clock(t0: float) -> str:
     return f"{m}:{sec:02d}"
 
 
+class NoTrialFinished(RuntimeError):
+    """Every trial failed or was stopped before the end: nothing to evaluate."""
+
+
+def no_trial_message(grid, sweep_dir: Path) -> str:
+    from cca_ray.tune.sweep import first_trial_error
+
+    return (f"no trial finished ({len(grid)} started, {grid.num_errors} failed), so there is nothing to evaluate.\n"
+            f"  The first trial's error, from {first_trial_error(grid)}\n"
+            f"  What to do: fix what it names (a missing path, too few resources for train.num_workers x "
+            f"train.cpus_per_worker, ...) and rerun the same command: the steps already done under "
+            f"{sweep_dir.parent.parent} are reused. Every trial's log is under {sweep_dir / 'asha'}.")
+
+
+def _trial_eval(cfg: Config, setup, export: Path, run_id: str | None, marker: Path) -> dict:
+    """Guidance-free evaluation of one export at eval.num_samples, cached by the export's weights."""
+    from cca_ray.data.fingerprint import checkpoint_id
+
+    key = step_key(cfg, ("eval", "sample"), export=checkpoint_id(export))
+    m = steps.cached(marker, key)
+    if m is None:
+        m, imgs = evaluate_model(setup, export, guidance=0.0, n=cfg.eval.num_samples)
+        if run_id:
+            log_samples(cfg, run_id, imgs, m)
+        m = steps.store(marker, key, m)
+    return dict(m)
+
+
 def run_main_job(cfg: Config) -> dict:
+    from cca_ray.data.fingerprint import checkpoint_id
     from cca_ray.train.pretrain import pretrain
     from cca_ray.train.driver import ensure_inputs, ensure_ray, run_training
+    from cca_ray.tune.sweep import trial_name, was_interrupted
 
     t0 = time.time()
     ensure_ray()
     space = load_space(cfg)
     print(f"[1/5 {clock(t0)}] data and base model", flush=True)
-    base = pretrain(cfg)
+    base = pretrain(cfg)  # each keeps its own key: prepared data by its fingerprint, the base model by its config
     ensure_inputs(cfg, "train")
+    base_id = checkpoint_id(base)
     setup = eval_setup(cfg)
     sweep_dir = cfg.root / "sweeps" / cfg.preset
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -82,62 +120,80 @@ def run_main_job(cfg: Config) -> dict:
 
     n = cfg.eval.num_samples
     print(f"[2/5 {clock(t0)}] CFG baseline of the base model at scales {cfg.eval.cfg_scales} (n={n})", flush=True)
-    cfg_rows = cfg_curve(setup, base, cfg.eval.cfg_scales, n=n)
-    for r in cfg_rows:
-        r["method"] = "base+CFG"
+    key = step_key(cfg, ("eval", "sample"), base=base_id)
+    cfg_rows = steps.cached(sweep_dir / "cfg_baseline", key)
+    if cfg_rows is None:
+        cfg_rows = cfg_curve(setup, base, cfg.eval.cfg_scales, n=n)
+        for r in cfg_rows:
+            r["method"] = "base+CFG"
+        cfg_rows = steps.store(sweep_dir / "cfg_baseline", key, cfg_rows)
+    else:
+        print(f"  reused (same base model and eval settings): {steps.marker_path(sweep_dir / 'cfg_baseline')}",
+              flush=True)
 
     print(f"[3/5 {clock(t0)}] ASHA sweep: {cfg.tune.num_trials} trials over {list(space['params'])}", flush=True)
-    grid, trials_dir = run_asha(cfg, setup, space, sweep_dir, parent)
+    grid, trials_dir = run_asha(cfg, setup, space, sweep_dir, parent, base_id)
+    if was_interrupted():
+        raise KeyboardInterrupt
 
     print(f"[4/5 {clock(t0)}] evaluating finished trials and baselines guidance-free (n={n})", flush=True)
     points = []
     exp_id = tracking.experiment_id(uri, cfg.experiment)
     for res in grid:
-        trial_id = (res.metrics or {}).get("trial_id")
-        export = finished_export(trials_dir / f"trial-{trial_id}", cfg.base_model_dir, zero_stage=cfg.train.zero_stage,
-                                 dtype=cfg.model.dtype,
-                                 load_options=loader_options(cfg.model, cfg.base_model_dir)) if trial_id else None
+        name = trial_name(cfg, res.config, base_id)
+        export = finished_export(trials_dir / name, cfg.base_model_dir, zero_stage=cfg.train.zero_stage,
+                                 dtype=cfg.model.dtype, load_options=loader_options(cfg.model, cfg.base_model_dir))
         if export is None:
             continue  # stopped early by ASHA (or failed): only its proxy history counts
-        m, imgs = evaluate_model(setup, export, guidance=0.0, n=n)
-        m.update(method=f"cca trial-{trial_id}", lam=res.config.get("train.lam"), beta=res.config.get("train.beta"),
-                 export=str(export), run_id=tracking.find_run(uri, exp_id, f"trial-{trial_id}"))
-        if m["run_id"]:
-            log_samples(cfg, m["run_id"], imgs, m)
+        run_id = tracking.find_run(uri, exp_id, name)
+        m = _trial_eval(cfg, setup, export, run_id, trials_dir / name / "eval")
+        m.update(method=f"cca {name}", lam=res.config.get("train.lam"), beta=res.config.get("train.beta"),
+                 export=str(export), run_id=run_id)
         points.append(m)
     if not points:
-        raise RuntimeError("no trial finished; nothing to evaluate (see the Tune logs above)")
+        raise NoTrialFinished(no_trial_message(grid, sweep_dir))
     best = min(points, key=lambda p: p["fid"])
     for kind in cfg.tune.baselines:
         bcfg = with_overrides(cfg, {"train.objective": kind, "train.beta": best["beta"]})
-        res = run_training(bcfg, "train", run_name=f"baseline-{kind}", storage_path=sweep_dir / "baselines",
-                           parent_run_id=parent)
-        m, _ = evaluate_model(setup, res.export_dir, guidance=0.0, n=n)
+        bkey = step_key(bcfg, ("train", "model", "data", "tokenizer"), base=base_id)
+        bname = f"baseline-{kind}-{bkey[:8]}"
+        marker = sweep_dir / "baselines" / bname / "export"
+        export = steps.cached(marker, bkey)
+        if export is None:
+            res = run_training(bcfg, "train", run_name=bname, storage_path=sweep_dir / "baselines",
+                               parent_run_id=parent)
+            export = steps.store(marker, bkey, str(res.export_dir))
+        m = _trial_eval(cfg, setup, Path(export), None, sweep_dir / "baselines" / bname / "eval")
         m.update(method=kind, beta=best["beta"] if kind == "dpo" else None,
                  lam=bcfg.train.lam_unlearning if kind == "unlearning" else None)
         points.append(m)
+    curves = run_extra_methods(cfg, setup, best, sweep_dir, parent, n, base_id)  # tune.extra_methods: {} by default
 
     print(f"[5/5 {clock(t0)}] results", flush=True)
-    rows = cfg_rows + points
+    rows = cfg_rows + points + [r for c in curves.values() for r in c]
     table = format_table(rows)
-    plot = trade_off_plot(cfg_rows, points, sweep_dir / "trade_off.png")
-    (sweep_dir / "results.md").write_text(table + "\n")
-    (sweep_dir / "results.csv").write_text(to_csv(rows))
-    c = tracking.client(uri)
-    c.log_artifact(parent, str(plot))
-    c.log_artifact(parent, str(sweep_dir / "results.md"))
-    c.log_artifact(parent, str(sweep_dir / "results.csv"))
-    for i, r in enumerate(cfg_rows):
-        tracking.log_metrics(uri, parent, {f"cfg_{k}": r.get(k) for k in ("fid", "isc_mean", "precision", "recall",
-                                                                        "accuracy", "guidance")}, step=i)
-    tracking.log_metrics(uri, parent, {f"best_{k}": best.get(k) for k in ("fid", "isc_mean", "precision", "recall",
-                                                                        "accuracy")}, step=0)
-    model_uri = register_best(cfg, best["run_id"] or parent, Path(best["export"]), f"{cfg.experiment}-best")
+    rkey = steps.digest(rows)
+    done = steps.cached(sweep_dir / "results.md", rkey) if (sweep_dir / "results.md").exists() else None
+    if done is None:  # logged and registered once per set of results, however often the job reruns
+        plot = trade_off_plot(cfg_rows, points, sweep_dir / "trade_off.png", curves=curves)
+        (sweep_dir / "results.md").write_text(table + "\n")
+        (sweep_dir / "results.csv").write_text(to_csv(rows))
+        c = tracking.client(uri)
+        c.log_artifact(parent, str(plot))
+        c.log_artifact(parent, str(sweep_dir / "results.md"))
+        c.log_artifact(parent, str(sweep_dir / "results.csv"))
+        for i, r in enumerate(cfg_rows):
+            tracking.log_metrics(uri, parent, {f"cfg_{k}": r.get(k) for k in ("fid", "isc_mean", "precision", "recall",
+                                                                            "accuracy", "guidance")}, step=i)
+        tracking.log_metrics(uri, parent, {f"best_{k}": best.get(k) for k in ("fid", "isc_mean", "precision", "recall",
+                                                                            "accuracy")}, step=0)
+        model_uri = register_best(cfg, best["run_id"] or parent, Path(best["export"]), f"{cfg.experiment}-best")
+        done = steps.store(sweep_dir / "results.md", rkey, {"plot": str(plot), "model_uri": model_uri})
     tracking.end_run(uri, parent)
-    summary = {"table": table, "plot": str(plot), "best": best, "model_uri": model_uri, "cfg_rows": cfg_rows,
-               "points": points, "minutes": (time.time() - t0) / 60}
+    summary = {"table": table, "plot": done["plot"], "best": best, "model_uri": done["model_uri"], "cfg_rows": cfg_rows,
+               "points": points, "curves": curves, "minutes": (time.time() - t0) / 60}
     print(table)
-    print(f"\ntrade-off plot: {plot}\nbest model: {best['export']} (registered as {model_uri})")
+    print(f"\ntrade-off plot: {done['plot']}\nbest model: {best['export']} (registered as {done['model_uri']})")
     print(f"open MLflow:    mlflow ui --backend-store-uri {uri}")
     print(f"took {summary['minutes']:.1f} min")
     return summary
@@ -147,10 +203,18 @@ def main(argv=None) -> None:
     from cca_ray.cli import parse_stage_args
 
     cfg, _ = parse_stage_args("tune", "The main job: CFG baseline, ASHA sweep over lam/beta, trade-off curves", argv)
+    from cca_ray.data.schema import DataError
+    from cca_ray.train.batches import TrainDataError
+    from cca_ray.train.driver import WorkerStartError
+
     try:
         run_main_job(cfg)
-    except ConfigError as e:
+    except (ConfigError, DataError, TrainDataError, WorkerStartError, NoTrialFinished) as e:
         raise SystemExit(f"cca_ray.tune: error: {e}") from None
+    except KeyboardInterrupt:
+        print("cca_ray.tune: interrupted; rerun the same command to resume: finished steps are reused and "
+              "unfinished trials continue from their last checkpoint", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -1,17 +1,26 @@
 """The sweep: a search space over config fields, one Tune trial = one Ray Train run, ASHA on the FID proxy.
 
 Ray Train V2 runs inside a Tune trial function (Tuner(TorchTrainer) is gone): each trial builds
-its TorchTrainer named after the trial id, so a restored sweep resumes every trial from its last
-checkpoint, and reports through TuneReportCallback. Only rank 0's metrics reach Tune.
+its TorchTrainer named after the trial's config (trial_name), so a rerun of the sweep resumes every
+unfinished trial from its last checkpoint and replays the recorded reports of finished ones; it
+reports through TuneReportCallback. Only rank 0's metrics reach Tune.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import signal
+import sys
+import threading
 from pathlib import Path
 
 import yaml
 
 from cca_ray.config import Config, ConfigError, with_overrides
+from cca_ray.fs import write_json_atomic
+from cca_ray.steps import step_key
 from cca_ray.evaluate.job import EvalSetup, evaluate_model
 from cca_ray.models import is_checkpoint
 from cca_ray.tune_spaces import SPACE_DIR
@@ -69,14 +78,67 @@ class FidProxy:
         return {"fid_proxy": m["fid"], **({"acc_proxy": m["accuracy"]} if "accuracy" in m else {})}
 
 
-def trial_fn(config: dict, ctx: dict) -> None:
-    """One Tune trial = one Ray Train CCA run named after the trial (so a restored sweep resumes it)."""
-    from ray import tune
+# -- trials: named by what they train, resumed by Ray Train, replayed when recorded ----------------
+REPORTS_FILE = "reports.json"  # every report a trial made, in order (what ASHA saw)
+FINISHED_FILE = "finished.json"  # the trial trained to the end and exported
+FINAL_EVAL_FIELDS = ("num_samples", "cfg_scales", "workers", "lam_values", "beta_values")
+
+
+def trial_name(cfg: Config, params: dict, base_id: str) -> str:
+    """`trial-<hash>` of the sampled params and every config field a trial's training and FID proxy read,
+    plus the starting weights: the same trial on a rerun gets the same name (and so its Ray Train run,
+    checkpoints and MLflow run); a changed field gives a new trial."""
+    tcfg = with_overrides(cfg, params)
+    # the proxy reads eval's settings but not those of the final evaluation
+    proxy = {k: v for k, v in tcfg.eval.model_dump(mode="json").items() if k not in FINAL_EVAL_FIELDS}
+    return "trial-" + step_key(tcfg, ("train", "model", "data", "tokenizer", "sample"), base=base_id, proxy=proxy,
+                               report_every=cfg.tune.report_every)[:10]
+
+
+def read_reports(trial_dir: Path) -> list[dict]:
+    try:
+        return json.loads((Path(trial_dir) / REPORTS_FILE).read_text())
+    except (OSError, ValueError):
+        return []
+
+
+def _tune_report_callback(reports_path: str):
+    """TuneReportCallback that first appends each report to reports_path (runs in the Train controller,
+    after Ray committed the report's checkpoint)."""
     from ray.tune.integration.ray_train import TuneReportCallback
+
+    class RecordingTuneReport(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            rec = {k: v for k, v in metrics[0].items() if isinstance(v, (int, float, str, bool)) or v is None}
+            write_json_atomic(reports_path, read_reports(Path(reports_path).parent) + [rec])
+            super().after_report(run_context, metrics, checkpoint)
+
+    return RecordingTuneReport()
+
+
+def trial_fn(config: dict, ctx: dict) -> None:
+    """One Tune trial = one Ray Train CCA run named by trial_name.
+
+    A rerun of the sweep builds a fresh Tuner whose seeded search suggests the same trials in the same
+    order. A trial first replays the reports it recorded, so ASHA takes the decisions it took; a trial
+    that finished stops there (nothing is retrained), an unfinished one continues from its last
+    checkpoint (Ray Train resumes a run of the same name and storage path)."""
+    from ray import tune
 
     from cca_ray.train.driver import run_training
 
-    cfg = with_overrides(Config.model_validate(ctx["cfg"]), config)
+    base_cfg = Config.model_validate(ctx["cfg"])
+    name = trial_name(base_cfg, config, ctx["base_id"])
+    trial_dir = Path(ctx["trials_dir"]) / name
+    recorded = read_reports(trial_dir)
+    for rec in recorded:
+        tune.report({k: v for k, v in rec.items() if k != "checkpoint_path"})
+    if (trial_dir / FINISHED_FILE).exists():
+        print(f"{name}: finished in an earlier run; replayed its {len(recorded)} reports", flush=True)
+        return
+    if recorded:
+        print(f"{name}: replayed {len(recorded)} reports; resuming from its last checkpoint", flush=True)
+    cfg = with_overrides(base_cfg, config)
     every = cfg.tune.report_every
     # every report carries the proxy, so ASHA compares like with like at each rung
     # the trial itself holds TRIAL_CPU; its workers give that back so a sweep fits a node exactly
@@ -84,9 +146,11 @@ def trial_fn(config: dict, ctx: dict) -> None:
     cfg = with_overrides(cfg, {"train.log_every": every, "train.checkpoint_every": every, "train.cpus_per_worker": cpus})
     if cfg.tune.max_concurrent_trials == 1:
         free_orphan_placement_groups(cpus)
-    run_training(cfg, "train", run_name=f"trial-{tune.get_context().get_trial_id()}", storage_path=ctx["trials_dir"],
-                 callbacks=[TuneReportCallback()], extra_report_fn=FidProxy(ctx["setup"]), extra_report_every=every,
-                 parent_run_id=ctx["parent_run_id"])
+    res = run_training(cfg, "train", run_name=name, storage_path=ctx["trials_dir"],
+                       callbacks=[_tune_report_callback(str(trial_dir / REPORTS_FILE))],
+                       extra_report_fn=FidProxy(ctx["setup"]), extra_report_every=every,
+                       parent_run_id=ctx["parent_run_id"])
+    write_json_atomic(trial_dir / FINISHED_FILE, {"export": str(res.export_dir), "step": res.metrics.get("step")})
 
 
 def finished_export(trial_dir: Path, model_dir: Path, *, zero_stage: int, dtype: str,
@@ -113,7 +177,12 @@ def finished_export(trial_dir: Path, model_dir: Path, *, zero_stage: int, dtype:
     return ckpt.export_model(last, model_dir, export, zero_stage=zero_stage, dtype=dtype, load_options=load_options)
 
 
-def run_asha(cfg: Config, setup: EvalSetup, space: dict, sweep_dir: Path, parent_run_id: str):
+def run_asha(cfg: Config, setup: EvalSetup, space: dict, sweep_dir: Path, parent_run_id: str, base_id: str):
+    """ASHA over the space; returns (ResultGrid, trials_dir). Every call builds a fresh Tuner (never
+    Tuner.restore, which did not honour max_concurrent_trials): the seeded search suggests the same
+    trials in the same order and each one replays or resumes itself (trial_fn)."""
+    import shutil
+
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -123,28 +192,94 @@ def run_asha(cfg: Config, setup: EvalSetup, space: dict, sweep_dir: Path, parent
     # instead of being stopped by ASHA at max_t, which would kill it before its export
     max_t = max(1, steps // cfg.tune.report_every) + 1
     ctx = {"cfg": cfg.model_dump(mode="json"), "setup": setup, "trials_dir": str(trials_dir),
-           "parent_run_id": parent_run_id}
+           "parent_run_id": parent_run_id, "base_id": base_id}
     # the trial only drives its Ray Train workers: it holds a token CPU
     trainable = tune.with_resources(tune.with_parameters(trial_fn, ctx=ctx), {"cpu": TRIAL_CPU})
-    param_space = to_tune_space(space["params"])
     exp_dir = sweep_dir / "asha"
-    if tune.Tuner.can_restore(str(exp_dir)):
-        print(f"resuming the sweep at {exp_dir}")
-        tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, param_space=param_space, resume_errored=True)
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space=param_space,
-            tune_config=tune.TuneConfig(
-                metric=space["metric"], mode=space["mode"], num_samples=cfg.tune.num_trials,
-                max_concurrent_trials=cfg.tune.max_concurrent_trials,
-                scheduler=ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=cfg.tune.grace_period,
-                                        reduction_factor=cfg.tune.reduction_factor),
-                # max_concurrent on the generator itself: Tune does not apply max_concurrent_trials to a
-                # search_alg passed in, and two Train runs on one small node starve each other
-                search_alg=tune.search.BasicVariantGenerator(random_state=cfg.tune.seed,
-                                                             max_concurrent=cfg.tune.max_concurrent_trials),
-            ),
-            run_config=tune.RunConfig(name="asha", storage_path=str(sweep_dir)),
-        )
-    return tuner.fit(), trials_dir
+    if exp_dir.exists():  # Tune's own bookkeeping of an earlier run; the trials keep theirs in trials_dir
+        print(f"  rerun: trials recorded under {trials_dir} are replayed or resumed, not retrained", flush=True)
+        shutil.rmtree(exp_dir)
+    tuner = tune.Tuner(
+        trainable,
+        param_space=to_tune_space(space["params"]),
+        tune_config=tune.TuneConfig(
+            metric=space["metric"], mode=space["mode"], num_samples=cfg.tune.num_trials,
+            max_concurrent_trials=cfg.tune.max_concurrent_trials,
+            scheduler=ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=cfg.tune.grace_period,
+                                    reduction_factor=cfg.tune.reduction_factor),
+            # max_concurrent on the generator itself: Tune does not apply max_concurrent_trials to a
+            # search_alg passed in, and two Train runs on one small node starve each other
+            search_alg=tune.search.BasicVariantGenerator(random_state=cfg.tune.seed,
+                                                         max_concurrent=cfg.tune.max_concurrent_trials),
+        ),
+        run_config=tune.RunConfig(name="asha", storage_path=str(sweep_dir), stop=_interrupt_stopper()),
+    )
+    with _sigint_stops_the_sweep():
+        grid = tuner.fit()
+    if cfg.tune.max_concurrent_trials == 1:  # the last trial ASHA stopped may have left its workers' group
+        free_orphan_placement_groups(cfg.train.cpus_per_worker - TRIAL_CPU / cfg.train.num_workers)
+    return grid, trials_dir
+
+
+# -- Ctrl-C: stop every trial (their Train workers and placement groups with them), then say so ----------
+_INTERRUPTED = threading.Event()
+
+
+def _interrupt_stopper():
+    """A tune Stopper that ends the experiment once SIGINT arrived."""
+    from ray.tune.stopper import Stopper
+
+    class InterruptStopper(Stopper):
+        def __call__(self, trial_id, result) -> bool:
+            return False
+
+        def stop_all(self) -> bool:
+            from cca_ray.tune.sweep import was_interrupted  # by reference: Tune pickles its stopper
+
+            return was_interrupted()
+
+    return InterruptStopper()
+
+
+@contextlib.contextmanager
+def _sigint_stops_the_sweep():
+    """During fit(): the first SIGINT asks Tune to stop every trial (it returns normally, and the job then
+    exits 130 through was_interrupted); a second one raises KeyboardInterrupt at once. Tune's own handler
+    is off (TUNE_DISABLE_SIGINT_HANDLER): it would end fit() the same way but leave no trace of the interrupt."""
+    _INTERRUPTED.clear()
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigint(signum, frame):
+        if _INTERRUPTED.is_set():
+            raise KeyboardInterrupt
+        print("\nSIGINT: stopping the sweep's trials (Ctrl-C again to force)", file=sys.stderr, flush=True)
+        _INTERRUPTED.set()
+
+    before_env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    before = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+        if before_env is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = before_env
+
+
+def was_interrupted() -> bool:
+    """Whether the last run_asha ended because of SIGINT (its trials were stopped, not finished)."""
+    return _INTERRUPTED.is_set()
+
+
+def first_trial_error(grid) -> str:
+    """The first errored trial's own error: its error file and the message's last line."""
+    for res in grid:
+        if res.error is not None:
+            lines = [ln for ln in str(res.error).strip().splitlines() if ln.strip()]
+            where = Path(res.path) / "error.txt" if res.path else "(no trial directory)"
+            return f"{where}:\n    {lines[-1] if lines else type(res.error).__name__}"
+    return "(no trial recorded an error: every trial was stopped before it finished)"

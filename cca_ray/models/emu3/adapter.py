@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cca_ray.models import knob as knobs
 from cca_ray.models.base import Cond
 from cca_ray.models.emu3.decode import KVBackend
 from cca_ray.sample import SampleOutput, decode
@@ -59,13 +60,30 @@ class Emu3Scorer(nn.Module):
         w = self.hf.lm_head.weight[self.visual_offset : self.visual_offset + self.codebook_size]
         return F.linear(hidden, w)
 
-    def forward(self, input_ids, attention_mask, position_ids, target_pos, targets) -> torch.Tensor:
+    def text_inputs(self, input_ids, attention_mask, prefix_len: int, knob=None) -> dict:
+        """The text model's token inputs: input_ids, or (a knob model) inputs_embeds whose first
+        prefix_len positions, the condition's prefix, carry the knob embedding (pad positions excepted)."""
+        offset = knobs.embedding(self, knob, input_ids.shape[0])
+        if offset is None:
+            return {"input_ids": input_ids}
+        x = self.hf.model.text_model.embed_tokens(input_ids)
+        where = torch.zeros_like(attention_mask, dtype=x.dtype)
+        where[:, :prefix_len] = attention_mask[:, :prefix_len].to(x.dtype)
+        return {"inputs_embeds": x + where.unsqueeze(-1) * offset.to(x.dtype).unsqueeze(1)}
+
+    def forward(self, input_ids, attention_mask, position_ids, target_pos, targets, knob=None,
+                return_logits: bool = False) -> torch.Tensor:
         """input_ids/attention_mask/position_ids [B, T]; target_pos [N] (shared by all rows, the
-        positions whose *next* token is visual); targets [B, N] codes. Returns Tensor[B] float32."""
+        positions whose *next* token is visual; the first is the prefix's last); targets [B, N] codes;
+        knob [B] (knob models). Returns Tensor[B] float32, or the logits [B, N, K] with return_logits."""
+        prefix_len = int(target_pos[0]) + 1 if knobs.spec_of(self) is not None else 0  # no device sync otherwise
         h = self.hf.model.text_model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            **self.text_inputs(input_ids, attention_mask, prefix_len, knob),
+            attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state
         logits = self.visual_logits(h[:, target_pos]).float()  # [B, N, K]
+        if return_logits:
+            return logits
         logp = logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         return logp.sum(-1)
 
@@ -92,6 +110,7 @@ class Emu3Adapter:
         if visual != list(range(self.visual_offset, self.visual_offset + self.codebook_size)):
             raise ValueError("Emu3 checkpoint: visual token ids are not contiguous; the visual-slice head needs them to be")
         self.module = Emu3Scorer(hf, self.visual_offset, self.codebook_size)
+        self.condition_dim = int(hf.model.text_model.embed_tokens.embedding_dim)
 
     # -- conditions ---------------------------------------------------------------------
     @property
@@ -161,10 +180,14 @@ class Emu3Adapter:
             position_ids=(mask.cumsum(-1) - 1).clamp_(min=0),
             target_pos=cond.input_ids.shape[1] - 1 + j,
             targets=codes.reshape(b, h * w),
+            **({"knob": cond.knob} if cond.knob is not None else {}),
         )
 
     def sequence_logprob(self, cond: Cond, codes: torch.Tensor, module: nn.Module | None = None) -> torch.Tensor:
         return (module or self.module)(**self.scoring_inputs(cond, codes))
+
+    def token_logits(self, cond: Cond, codes: torch.Tensor, module: nn.Module | None = None) -> torch.Tensor:
+        return (module or self.module)(**self.scoring_inputs(cond, codes), return_logits=True)
 
     # -- sampling -----------------------------------------------------------------------
     def schedule(self, grid: tuple[int, int]) -> list[int]:
@@ -182,12 +205,16 @@ class Emu3Adapter:
         top_p: float | None = None,
         seed: int | Sequence[int] | None = None,
         return_dists: bool = False,
+        cca_lambda: float | None = None,
+        guidance_beta: float | None = None,
     ) -> SampleOutput:
         h, w = cond.grid
         sched = self.schedule(cond.grid)[:-1]
         unc = self.null_condition(len(cond), cond.grid) if guidance != 0.0 else None
+        knob = knobs.decode_values(self.module, len(cond), unc is not None, cca_lambda=cca_lambda,
+                                   guidance_beta=guidance_beta, device=self.device)
         out = decode(
-            KVBackend(self.module, max_new_tokens=len(sched)),
+            KVBackend(self.module, max_new_tokens=len(sched), knob=knob),
             cond.input_ids,
             cond.attention_mask,
             sched,
@@ -222,6 +249,7 @@ class Emu3Adapter:
         path = Path(path)
         self.hf.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
+        knobs.save(self.module, path)
         (path / SIDECAR).write_text(
             json.dumps({"family": self.family, "codebook_size": self.codebook_size, "max_prompt_tokens": self.max_prompt_tokens})
         )

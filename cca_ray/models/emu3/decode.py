@@ -20,17 +20,18 @@ class KVBackend:
     forward's (tests compare both), as long as the model is a plain Emu3/Llama decoder.
     """
 
-    def __init__(self, scorer, max_new_tokens: int):
+    def __init__(self, scorer, max_new_tokens: int, knob=None):
         from transformers.models.emu3.modeling_emu3 import apply_rotary_pos_emb
 
         self.rope = apply_rotary_pos_emb  # the transformers forward's own RoPE
         self.scorer = scorer
         self.text_model = scorer.hf.model.text_model
         self.max_new = max_new_tokens
+        self.knob = knob  # [rows] knob values of a knob model (the prefix carries its embedding)
 
     def prefill(self, input_ids, attention_mask, need_logits):
         out = self.text_model(
-            input_ids=input_ids,
+            **self.scorer.text_inputs(input_ids, attention_mask, input_ids.shape[1], self.knob),
             attention_mask=attention_mask,
             position_ids=(attention_mask.cumsum(-1) - 1).clamp_(min=0),
             use_cache=True,
@@ -38,7 +39,10 @@ class KVBackend:
         rows, length = input_ids.shape
         total = length + self.max_new
         self.keys, self.values = [], []
-        for layer in out.past_key_values.layers:
+        # the output's cache is `cache` in transformers 5.24+ (reading `past_key_values` warns there), before that
+        # `past_key_values`; either is a Cache with per-layer `.layers` (4.56+)
+        cache = out["cache"] if "cache" in out else out.past_key_values
+        for layer in cache.layers:
             for src, dst in ((layer.keys, self.keys), (layer.values, self.values)):
                 buf = src.new_empty(rows, src.shape[1], total, src.shape[3])
                 buf[:, :, :length] = src

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cca_ray.models import knob as knobs
 from cca_ray.models.base import Cond, RawCondition
 from cca_ray.models.llamagen.checkpoint import (
     check_state_dict,
@@ -75,6 +76,7 @@ class LlamaGenAdapter:
         self.grid = self.code_shape = (g, g)
         self.codebook_size = gpt.config.vocab_size
         self.num_classes = gpt.config.num_classes
+        self.condition_dim = gpt.config.dim
 
     @property
     def device(self) -> torch.device:
@@ -123,25 +125,33 @@ class LlamaGenAdapter:
         if codes.min() < 0 or codes.max() >= self.codebook_size:
             raise ValueError(f"codes must lie in [0, {self.codebook_size}); got [{int(codes.min())}, {int(codes.max())}]")
         dev = cond.input_ids.device
-        return dict(class_ids=cond.input_ids[:, 0], codes=codes.to(dev).long().flatten(1))
+        knob = {"knob": cond.knob} if cond.knob is not None else {}
+        return dict(class_ids=cond.input_ids[:, 0], codes=codes.to(dev).long().flatten(1), **knob)
 
     def sequence_logprob(self, cond: Cond, codes: torch.Tensor, module: nn.Module | None = None) -> torch.Tensor:
         """log p(codes | class) Tensor[B] fp32, one teacher-forced pass through `module` (a DeepSpeed
         engine wrapping self.module, or self.module)."""
         return (module or self.module)(**self.scoring_inputs(cond, codes))
 
+    def token_logits(self, cond: Cond, codes: torch.Tensor, module: nn.Module | None = None) -> torch.Tensor:
+        """Logits fp32 [B, N, vocab] at every code (raster order), one teacher-forced pass."""
+        return (module or self.module)(**self.scoring_inputs(cond, codes), return_logits=True)
+
     # -- sampling -----------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, cond: Cond, *, guidance: float = 0.0, temperature: float = 1.0, top_k: int | None = None,
                top_p: float | None = None, seed: int | Sequence[int] | None = None,
-               return_dists: bool = False) -> SampleOutput:
+               return_dists: bool = False, cca_lambda: float | None = None,
+               guidance_beta: float | None = None) -> SampleOutput:
         """Codes [B, h, w] plus per-step log-probs. guidance g == LlamaGen's cfg_scale g + 1; at g = 0
         only the B conditional rows run, with g > 0 the null-class rows join them in one 2B batch."""
         self._check_grid(cond.grid)
         n = self.grid[0] * self.grid[1]
         unc = self.null_condition(len(cond)) if guidance != 0.0 else None
+        knob = knobs.decode_values(self.module, len(cond), unc is not None, cca_lambda=cca_lambda,
+                                   guidance_beta=guidance_beta, device=self.device)
         out = decode(
-            StaticKVBackend(self.module, max_new_tokens=n - 1),
+            StaticKVBackend(self.module, max_new_tokens=n - 1, knob=knob),
             cond.input_ids, cond.attention_mask, [-1] * n, 0,  # code k is fed back as token k
             uncond_ids=unc.input_ids if unc is not None else None,
             uncond_mask=unc.attention_mask if unc is not None else None,
@@ -176,8 +186,9 @@ class LlamaGenAdapter:
     def save(self, path) -> None:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        torch.save({"model": self.module.state_dict()}, path / WEIGHTS_FILE)
+        torch.save({"model": knobs.strip(self.module.state_dict())}, path / WEIGHTS_FILE)  # the released layout
         (path / SIDECAR).write_text(json.dumps(self.options(), indent=2))
+        knobs.save(self.module, path)
 
 
 def _build_loaded(cfg: GPTConfig, state: dict, device, dtype) -> LlamaGenGPT:

@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from cca_ray.models.knob import embedding as knob_embedding
+
 
 def find_multiple(n: int, k: int) -> int:
     """Smallest multiple of k that is >= n (LlamaGen's SwiGLU width rule)."""
@@ -242,9 +244,17 @@ class LlamaGenGPT(nn.Module):
             self._rope = self._rope.to(device)
         return self._rope
 
-    def hidden_states(self, class_ids: torch.Tensor, input_codes: torch.Tensor) -> torch.Tensor:
+    def class_token(self, class_ids: torch.Tensor, knob: torch.Tensor | None = None) -> torch.Tensor:
+        """The condition token [B, 1, dim]: the class embedding, plus the knob embedding of a knob model
+        (cca_ray.models.knob; attached as `cond_knob`, outside the released layout)."""
+        x = self.cls_embedding(class_ids)
+        offset = knob_embedding(self, knob, class_ids.shape[0])
+        return x if offset is None else x + offset.to(x.dtype).unsqueeze(1)
+
+    def hidden_states(self, class_ids: torch.Tensor, input_codes: torch.Tensor,
+                      knob: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher-forced pass. class_ids [B]; input_codes [B, T-1] (T <= N) -> final-norm states [B, T, dim]."""
-        x = torch.cat([self.cls_embedding(class_ids), self.tok_embeddings(input_codes)], 1)
+        x = torch.cat([self.class_token(class_ids, knob), self.tok_embeddings(input_codes)], 1)
         rope = self.rope(x.device)[: x.shape[1]]
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
@@ -253,12 +263,17 @@ class LlamaGenGPT(nn.Module):
                 x = layer(x, rope)
         return self.norm(x)
 
-    def logits(self, class_ids: torch.Tensor, input_codes: torch.Tensor) -> torch.Tensor:
+    def logits(self, class_ids: torch.Tensor, input_codes: torch.Tensor, knob: torch.Tensor | None = None) -> torch.Tensor:
         """[B, T, vocab] fp32: position t predicts code t."""
-        return self.output(self.hidden_states(class_ids, input_codes)).float()
+        return self.output(self.hidden_states(class_ids, input_codes, knob)).float()
 
-    def forward(self, class_ids: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    def forward(self, class_ids: torch.Tensor, codes: torch.Tensor, knob: torch.Tensor | None = None,
+                return_logits: bool = False) -> torch.Tensor:
         """log p(codes | class): class_ids [B], codes [B, N] raster order -> Tensor[B] float32 (nats),
-        the sum over the N image tokens of fp32 log-softmax over the codebook."""
-        logp = self.logits(class_ids, codes[:, :-1]).log_softmax(-1)
+        the sum over the N image tokens of fp32 log-softmax over the codebook (return_logits: the
+        logits [B, N, vocab] themselves). knob [B]: a knob model's per-row λ or β."""
+        logits = self.logits(class_ids, codes[:, :-1], knob)
+        if return_logits:
+            return logits
+        logp = logits.log_softmax(-1)
         return logp.gather(-1, codes.unsqueeze(-1)).squeeze(-1).sum(-1)

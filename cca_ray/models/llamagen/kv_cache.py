@@ -17,8 +17,8 @@ from cca_ray.models.llamagen.gpt import LlamaGenGPT
 class StaticKVBackend:
     """prefill(class ids [R, 1]) then step(codes [R]); both return logits [R, vocab] fp32 (or None)."""
 
-    def __init__(self, gpt: LlamaGenGPT, max_new_tokens: int):
-        self.gpt = gpt
+    def __init__(self, gpt: LlamaGenGPT, max_new_tokens: int, knob: torch.Tensor | None = None):
+        self.gpt, self.knob = gpt, knob  # knob [R]: a knob model's per-row λ or β
         self.slots = 1 + max_new_tokens  # the class token, then every fed-back code
         if self.slots > gpt.config.cls_token_num + gpt.config.block_size:
             raise ValueError(f"{max_new_tokens} steps exceed the model's {gpt.config.block_size} image positions")
@@ -33,7 +33,7 @@ class StaticKVBackend:
         self.values = [torch.empty(shape, dtype=p.dtype, device=p.device) for _ in gpt.layers]
         self.rope = gpt.rope(p.device)
         self.t = 0
-        return self._forward(gpt.cls_embedding(input_ids[:, 0]), need_logits)
+        return self._forward(gpt.class_token(input_ids[:, 0], self.knob), need_logits)
 
     def step(self, token_ids: torch.Tensor, need_logits: bool):
         if self.t >= self.slots:

@@ -20,6 +20,7 @@ from typing import Literal, Sequence
 import torch
 from torch import nn
 
+from cca_ray.models import knob as knobs
 from cca_ray.models.base import Cond
 from cca_ray.models.var.quantizer import MultiScaleQuantizer
 from cca_ray.models.var.transformer import VAR, KVCache
@@ -45,14 +46,14 @@ class _ScaleBackend:
     their code vectors to f_hat through the quantiser and returns scale k+1's logits [rows, n, V].
     """
 
-    def __init__(self, var: VAR, quant: MultiScaleQuantizer):
-        self.var, self.quant = var, quant
+    def __init__(self, var: VAR, quant: MultiScaleQuantizer, knob: torch.Tensor | None = None):
+        self.var, self.quant, self.knob = var, quant, knob  # knob [rows]: a knob model's per-row λ or β
         self.lay = var.cfg.layout
 
     def prefill(self, input_ids, attention_mask, need_logits):
         var, cfg = self.var, self.var.cfg
         rows, dev = input_ids.shape[0], input_ids.device
-        self.cond = var.class_emb(input_ids[:, 0])
+        self.cond = var.condition(input_ids[:, 0], self.knob)
         self.mods = var.modulations(self.cond)  # the class is fixed: AdaLN parameters once per image
         head_dim = cfg.embed_dim // cfg.num_heads
         dtype = var.head.weight.dtype
@@ -96,6 +97,7 @@ class VARAdapter:
         self.codebook_size, self.num_classes = cfg.vocab_size, cfg.num_classes
         self.code_shape = (self.layout.num_tokens,)
         self.grid = self.layout.grid
+        self.condition_dim = cfg.embed_dim
 
     @property
     def device(self) -> torch.device:
@@ -141,7 +143,8 @@ class VARAdapter:
             raise ValueError(f"codes must lie in [0, {self.codebook_size}); got [{int(codes.min())}, {int(codes.max())}]")
         codes = codes.to(self.device).long()
         x = self._quant().var_input(self.layout.split(codes))
-        return dict(labels=cond.input_ids[:, 0].to(self.device), x_BLCv_wo_first_l=x, targets=codes)
+        knob = {"knob": cond.knob.to(self.device)} if cond.knob is not None else {}
+        return dict(labels=cond.input_ids[:, 0].to(self.device), x_BLCv_wo_first_l=x, targets=codes, **knob)
 
     def sequence_logprob(self, cond: Cond, codes: torch.Tensor, module: nn.Module | None = None,
                          drop_seeds: torch.Tensor | None = None) -> torch.Tensor:
@@ -151,6 +154,10 @@ class VARAdapter:
         if drop_seeds is not None:
             inputs["drop_seeds"] = torch.as_tensor(drop_seeds, dtype=torch.long).to(self.device)
         return (module or self.module)(**inputs)
+
+    def token_logits(self, cond: Cond, codes: torch.Tensor, module: nn.Module | None = None) -> torch.Tensor:
+        """Logits fp32 [B, 680, V] at every code (scales flat), one teacher-forced pass."""
+        return (module or self.module)(**self.scoring_inputs(cond, codes), return_logits=True)
 
     # -- sampling -----------------------------------------------------------------------
     @torch.no_grad()
@@ -165,13 +172,17 @@ class VARAdapter:
         top_p: float | None = None,
         seed: int | Sequence[int] | None = None,
         return_dists: bool = False,
+        cca_lambda: float | None = None,
+        guidance_beta: float | None = None,
     ) -> SampleOutput:
         """Next-scale sampling. codes [B, 680]; step_logprobs [B, 680] under the sampling distribution."""
         scales = guidance_per_scale(guidance, self.layout.num_scales, cfg_schedule)
         cfg_on = any(g != 0.0 for g in scales)
         unc = self.null_condition(len(cond)) if cfg_on else None
+        knob = knobs.decode_values(self.module, len(cond), cfg_on, cca_lambda=cca_lambda,
+                                   guidance_beta=guidance_beta, device=self.device)
         return decode(
-            _ScaleBackend(self.module, self._quant()),
+            _ScaleBackend(self.module, self._quant(), knob),
             cond.input_ids,
             cond.attention_mask,
             [SampleBlock(n) for n in self.layout.lengths],

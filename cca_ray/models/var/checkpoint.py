@@ -114,7 +114,9 @@ def save_var(adapter: VARAdapter, path) -> None:
     path.mkdir(parents=True, exist_ok=True)
     cfg = adapter.cfg
     weights = f"var_d{cfg.depth}.pth"
-    state = {k: t.detach().cpu().contiguous() for k, t in adapter.module.state_dict().items()}
+    from cca_ray.models import knob as knobs
+
+    state = {k: t.detach().cpu().contiguous() for k, t in knobs.strip(adapter.module.state_dict()).items()}
     tmp = path / f".{weights}.tmp"
     torch.save(state, tmp)
     os.replace(tmp, path / weights)
@@ -133,6 +135,7 @@ def save_var(adapter: VARAdapter, path) -> None:
         "drop_path_rate": cfg.drop_path_rate, "quant_resi": adapter.quant.quant_resi.qresi_ls[0].resi_ratio,
         "codebook_size": cfg.vocab_size, "num_classes": cfg.num_classes, "code_shape": list(adapter.code_shape),
     })
+    knobs.save(adapter.module, path)
 
 
 def build_tiny_var(

@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from cca_ray.models.knob import embedding as knob_embedding
+
 from cca_ray.models.var.layout import PATCH_NUMS, ScaleLayout
 
 RELEASED_DEPTHS = (16, 20, 24, 30)
@@ -257,11 +259,18 @@ class VAR(nn.Module):
         return self.head(self.head_nm(h, cond)).float()
 
     # -- teacher forcing -----------------------------------------------------------------
+    def condition(self, labels: torch.Tensor, knob: torch.Tensor | None = None) -> torch.Tensor:
+        """The condition vector [B, C] (start tokens and every AdaLN): the class embedding, plus the knob
+        embedding of a knob model (cca_ray.models.knob; attached as `cond_knob`, outside the released layout)."""
+        cond = self.class_emb(labels)
+        offset = knob_embedding(self, knob, labels.shape[0])
+        return cond if offset is None else cond + offset.to(cond.dtype)
+
     def teacher_forced_logits(self, labels: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor,
-                              drop_seeds: torch.Tensor | None = None) -> torch.Tensor:
+                              knob: torch.Tensor | None = None, drop_seeds: torch.Tensor | None = None) -> torch.Tensor:
         """labels [B] class ids (null = num_classes); x [B, L - first_l, Cvae] -> logits [B, L, V] fp32.
         drop_seeds: int64 [B] row seeds of the drop-path draws (module docstring)."""
-        cond = self.class_emb(labels)
+        cond = self.condition(labels, knob)
         x = torch.cat([self.first_scale_input(cond), self.scale_input(x_BLCv_wo_first_l, self.first_l, self.L)], 1)
         bias = self.attn_bias_for_masking.to(x.dtype)
         for blk, mod in zip(self.blocks, self.modulations(cond)):
@@ -272,9 +281,14 @@ class VAR(nn.Module):
         return self.logits(x, cond)
 
     def forward(self, labels: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor, targets: torch.Tensor,
+                knob: torch.Tensor | None = None, return_logits: bool = False,
                 drop_seeds: torch.Tensor | None = None) -> torch.Tensor:
-        """targets [B, L] codes -> sum over the L tokens of log-softmax at the target, [B] fp32."""
-        logits = self.teacher_forced_logits(labels, x_BLCv_wo_first_l, drop_seeds)
+        """targets [B, L] codes -> sum over the L tokens of log-softmax at the target, [B] fp32
+        (return_logits: the logits [B, L, V] themselves). knob [B]: a knob model's per-row λ or β;
+        drop_seeds [B]: the drop-path draws' row seeds."""
+        logits = self.teacher_forced_logits(labels, x_BLCv_wo_first_l, knob, drop_seeds)
+        if return_logits:
+            return logits
         picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         return (picked - logits.logsumexp(-1)).sum(-1)
 
