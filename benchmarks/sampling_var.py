@@ -125,36 +125,42 @@ def main(argv=None) -> int:
         mine = ours_images(ours.encode_conditions(few.tolist()), guidance=g, top_k=1)
         print(f"greedy images, cfg {g:g}: max |ours - official| = {(mine - theirs).abs().max().item():.2e}")
 
-    f_codes = ours.generate(cond, seed=0)
-    paths = {
-        "VQVAE decode alone (every path has it)": lambda: our_vae.idx_to_img(ours.layout.split(f_codes)),
-        "cca-ray guidance-free": lambda: ours_images(cond, seed=0),
-        "cca-ray CFG": lambda: ours_images(cond, guidance=args.cfg, seed=0),
-        "official, cfg 0 (2B rows)": lambda: official.autoregressive_infer_cfg(
-            args.batch, labels.to(device), g_seed=0, cfg=0.0, top_k=0, top_p=0.0),
-        f"official, cfg {args.cfg:g}": lambda: official.autoregressive_infer_cfg(
-            args.batch, labels.to(device), g_seed=0, cfg=args.cfg, top_k=0, top_p=0.0),
-    }
-    times: dict[str, list[float]] = {k: [] for k in paths}
-    for _ in range(args.repeats):  # interleaved: a busy machine slows every path alike
-        for name, fn in paths.items():
-            _sync(device)
-            t = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append(time.perf_counter() - t)
-    sec = {k: statistics.median(v) for k, v in times.items()}
-    print(f"\n{'path':40s} {'s/batch':>9s} {'images/s':>9s}   (median of {args.repeats})")
-    for name, s in sec.items():
-        print(f"{name:40s} {s:9.3f} {args.batch / s:9.2f}")
-    dec, *n = list(sec)
-    for what, sub in (("images", 0.0), ("transformer only (decode subtracted)", sec[dec])):
-        r = {k: max(sec[k] - sub, 1e-9) for k in n}
-        print(f"\n{what}:")
-        print(f"  guidance-free / CFG (ours):         {r[n[1]] / r[n[0]]:.2f}x images/s")
-        print(f"  ours / official, guidance-free:     {r[n[2]] / r[n[0]]:.2f}x images/s")
-        print(f"  ours / official, CFG:               {r[n[3]] / r[n[1]]:.2f}x images/s")
-        print(f"  ours guidance-free / official CFG:  {r[n[3]] / r[n[0]]:.2f}x images/s")
+    vq_proxy = official.vae_proxy[0]
+    decode = vq_proxy.fhat_to_img
+
+    def official_run(cfg, images=True):
+        vq_proxy.fhat_to_img = decode if images else (lambda f_hat: f_hat)  # codes only: skip its decoder
+        try:
+            return official.autoregressive_infer_cfg(args.batch, labels.to(device), g_seed=0, cfg=cfg, top_k=0, top_p=0.0)
+        finally:
+            vq_proxy.fhat_to_img = decode
+
+    for images in (False, True):
+        paths = {
+            "cca-ray guidance-free": (lambda: ours_images(cond, seed=0)) if images else (lambda: ours.generate(cond, seed=0)),
+            "cca-ray CFG": ((lambda: ours_images(cond, guidance=args.cfg, seed=0)) if images
+                            else (lambda: ours.generate(cond, guidance=args.cfg, seed=0))),
+            "official, cfg 0 (2B rows)": lambda: official_run(0.0, images),
+            f"official, cfg {args.cfg:g}": lambda: official_run(args.cfg, images),
+        }
+        times: dict[str, list[float]] = {k: [] for k in paths}
+        for _ in range(args.repeats):  # interleaved: a busy machine slows every path alike
+            for name, fn in paths.items():
+                _sync(device)
+                t = time.perf_counter()
+                fn()
+                _sync(device)
+                times[name].append(time.perf_counter() - t)
+        sec = {k: statistics.median(v) for k, v in times.items()}
+        what = "images (VQVAE decoder included)" if images else "codes only (no VQVAE decode on either side)"
+        print(f"\n{what}\n{'path':40s} {'s/batch':>9s} {'images/s':>9s}   (median of {args.repeats})")
+        for name, sv in sec.items():
+            print(f"{name:40s} {sv:9.3f} {args.batch / sv:9.2f}")
+        n = list(sec)
+        print(f"  guidance-free / CFG (ours):         {sec[n[1]] / sec[n[0]]:.2f}x images/s")
+        print(f"  ours / official, guidance-free:     {sec[n[2]] / sec[n[0]]:.2f}x images/s")
+        print(f"  ours / official, CFG:               {sec[n[3]] / sec[n[1]]:.2f}x images/s")
+        print(f"  ours guidance-free / official CFG:  {sec[n[3]] / sec[n[0]]:.2f}x images/s")
     return 0
 
 
