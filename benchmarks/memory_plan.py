@@ -116,6 +116,7 @@ def main() -> None:
     ap.add_argument("--gpu-gib", type=float, default=80.0)
     ap.add_argument("--global-batch", type=int, default=256, help="pairs per optimizer step to keep")
     ap.add_argument("--llamagen-table", action="store_true", help="every llamagen-*-a100 preset in one table")
+    ap.add_argument("--var-table", action="store_true", help="every var-*-a100 preset in one table")
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. train.zero_stage=2")
     args = ap.parse_args()
     if args.llamagen_table:
@@ -124,7 +125,19 @@ def main() -> None:
 
         names = [p for p in available_presets() if p.startswith("llamagen-") and p.endswith("-a100")]
         return lg.table(names, nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu_gib=args.gpu_gib)
+    if args.var_table:
+        import memory_plan_var as mv
+        from cca_ray.config import available_presets
+
+        names = [p for p in available_presets() if p.startswith("var-") and p.endswith("-a100")]
+        return mv.table(names, nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu_gib=args.gpu_gib)
     cfg = load_config(args.preset, overrides=args.overrides)
+    if cfg.model.family == "var":  # VAR's shapes: benchmarks/memory_plan_var.py
+        import memory_plan_llamagen as lg
+        import memory_plan_var as mv
+
+        return lg.report(cfg, nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu_gib=args.gpu_gib,
+                         arch_fn=mv.arch_of_var)
     if cfg.model.family == "llamagen":  # LlamaGen's shapes: benchmarks/memory_plan_llamagen.py
         import memory_plan_llamagen as lg
 

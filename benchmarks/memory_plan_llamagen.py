@@ -72,10 +72,11 @@ def arch_of_llamagen(cfg) -> tuple[dict, str]:
     return arch, f"{o.gpt_model} at {o.image_size} px, counted on the meta device"
 
 
-def report(cfg, *, nodes: int, gpus_per_node: int, gpu_gib: float) -> None:
-    """One preset: the component table, then totals by node count (same global batch)."""
+def report(cfg, *, nodes: int, gpus_per_node: int, gpu_gib: float, arch_fn=None) -> None:
+    """One preset: the component table, then totals by node count (same global batch).
+    arch_fn(cfg) -> (arch, source): another family of the same block shape (memory_plan_var.py)."""
     tc = cfg.train
-    arch, src = arch_of_llamagen(cfg)
+    arch, src = (arch_fn or arch_of_llamagen)(cfg)
     world = nodes * gpus_per_node
     print(f"preset {cfg.preset}: {arch['total'] / 1e6:.0f}M trainable parameters ({src}); "
           f"{arch['tokens']} image tokens")

@@ -26,6 +26,7 @@ rows) and with the batch.
     python benchmarks/sampling.py --grids 16 --skip-hf  # one grid, our two paths only
     python benchmarks/sampling.py --preset demo         # the demo's tiny model size and grid
     python benchmarks/sampling.py --family llamagen --official-llamagen PATH   # LlamaGen: benchmarks/sampling_llamagen.py
+    python benchmarks/sampling.py --family var --official-var PATH             # VAR: benchmarks/sampling_var.py
 """
 
 from __future__ import annotations
@@ -129,15 +130,19 @@ def hf_generate_cfg(model, prompts, grid, guidance, seed):
 
 
 def _family(argv):
-    """--family emu3 (this module) or llamagen (benchmarks/sampling_llamagen.py); the rest of argv."""
+    """--family emu3 (this module), llamagen or var (benchmarks/sampling_{llamagen,var}.py); the rest of argv."""
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--family", choices=["emu3", "llamagen"], default="emu3")
+    pre.add_argument("--family", choices=["emu3", "llamagen", "var"], default="emu3")
     known, rest = pre.parse_known_args(argv)
     return known.family, rest
 
 
 def main(argv=None) -> None:
     family, rest = _family(argv)
+    if family == "var":  # our next-scale sampler vs VAR's autoregressive_infer_cfg on the same weights
+        import sampling_var
+
+        raise SystemExit(sampling_var.main(rest))
     if family == "llamagen":  # its own module: our sampler vs LlamaGen's generate() on the same weights
         import sampling_llamagen
 

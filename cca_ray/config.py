@@ -6,25 +6,17 @@ A run's config is built in layers, each validated as a whole at the end:
                       <-  ``--config FILE.yaml``  <-  dotted ``key=value`` overrides
 
 Presets and tune spaces name fields by their dotted path (``train.lam``); a test
-loads every preset and every tune space so a renamed field breaks loudly.
+loads every preset and every tune space so a renamed field breaks loudly. Loading (presets,
+files, overrides, absolute paths) is cca_ray/config_loading.py; its names import from here too.
 """
 
 from __future__ import annotations
 
-import copy
 import math
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-PRESET_DIR = resources.files("cca_ray") / "presets"
-
-
-class ConfigError(ValueError):
-    """A config problem a user can fix; the message names the field or file."""
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Section(BaseModel):
@@ -40,8 +32,15 @@ class DataConfig(_Section):
     image_column: str = "image"
     caption_column: str | None = "caption"
     label_column: str | None = "label"
-    image_size: int = Field(8, gt=0, description="images are resized to image_size x image_size")
+    image_size: int = Field(8, gt=0, description="images become image_size x image_size squares (data.preprocess)")
     channels: Literal[1, 3] = 1
+    # cca_ray/data/preprocess.py: how an image becomes the square, and which views of it become rows
+    preprocess: Literal["resize", "center-crop", "var"] = Field(
+        "resize", description="resize: squash to the square; center-crop: LlamaGen's (ADM's) centre crop; "
+        "var: VAR's shorter side to 1.125 x image_size (Lanczos) and centre crop")
+    augment: Literal["none", "flip", "ten-crop"] = Field(
+        "none", description="train images also as views (rows of their own): flip = + the mirror (LlamaGen's "
+        "code extraction), ten-crop = LlamaGen's --ten-crop (10 crops of a 1.1x centre crop)")
     holdout_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     max_images: int | None = Field(None, gt=0, description="cap on images read (None: all)")
     shard_rows: int = Field(2048, gt=0)
@@ -92,13 +91,41 @@ class LlamaGenOptions(_Section):
 
 def _check_llamagen_options(m: "ModelConfig") -> None:
     given = m.llamagen.model_dump(exclude_none=True)
-    if given and m.family != "llamagen":
-        raise ValueError(f"model.llamagen.{next(iter(given))} is set but model.family is {m.family}")
     released = m.family == "llamagen" and m.path and Path(m.path).suffix in (".pt", ".pth")
     missing = [k for k in ("gpt_model", "image_size") if k not in given]
     if released and missing:
         raise ValueError(f"model.path {m.path} is a released LlamaGen file: set "
                          + " and ".join(f"model.llamagen.{k}" for k in missing) + " (its --gpt-model / --image-size)")
+
+
+# -- VAR (model.family var) ------------------------------------------------------------------
+class VAROptions(_Section):
+    """VAR's own options (its train.py / build_vae_var names) for a released ``var_d*.pth`` at model.path.
+    Field names are load_var's keyword arguments; unset = VAR's default. A directory we saved records
+    its own options, so these are read only for released files (cca_ray.models.loader_options)."""
+
+    depth: Literal[16, 20, 24, 30] | None = Field(None, description="--depth of the release (required for a .pth file)")
+    vae_path: str | None = Field(None, description="its VQVAE, vae_ch160v4096z32.pth (required for a .pth file)")
+    patch_nums: list[int] | None = Field(None, description="--patch_nums the file was trained at (default "
+                                         "1,2,3,4,5,6,8,10,13,16: 680 tokens)")
+    drop_path_rate: float | None = Field(None, ge=0.0, lt=1.0, description="stochastic depth in training (default "
+                                         "VAR's 0.1 * depth / 24, as CCA's dpr_ratio 1); scoring never drops")
+    quant_resi: float | None = Field(None, ge=0.0, le=1.0, description="phi's residual ratio of its VQVAE "
+                                     "(default 0.5)")
+
+
+def _check_family_options(m: "ModelConfig") -> None:
+    for fam, block in (("llamagen", m.llamagen), ("var", m.var)):
+        given = block.model_dump(exclude_none=True)
+        if given and m.family != fam:
+            raise ValueError(f"model.{fam}.{next(iter(given))} is set but model.family is {m.family}")
+    if m.family == "llamagen":
+        _check_llamagen_options(m)
+    released = m.family == "var" and m.path and Path(m.path).suffix in (".pt", ".pth")
+    missing = [k for k in ("depth", "vae_path") if getattr(m.var, k) is None]
+    if released and missing:
+        raise ValueError(f"model.path {m.path} is a released VAR file: set "
+                         + " and ".join(f"model.var.{k}" for k in missing) + " (its --depth and VQVAE file)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,12 +144,13 @@ class ModelConfig(_Section):
     gradient_checkpointing: bool = False
     seed: int = 0
     llamagen: LlamaGenOptions = LlamaGenOptions()
+    var: VAROptions = VAROptions()
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "ModelConfig":
         if self.hidden_size % self.num_heads:
             raise ValueError(f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads ({self.num_heads})")
-        _check_llamagen_options(self)
+        _check_family_options(self)
         return self
 
 
@@ -192,6 +220,9 @@ class SampleConfig(_Section):
     top_k: int | None = Field(None, gt=0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     batch_size: int = Field(64, gt=0)
+    cfg_schedule: Literal["linear", "constant"] = Field(
+        "linear", description="VAR: guidance per scale; linear = VAR's ramp g * k / (K - 1) over its K scales "
+        "(CFGv2, its sampler's default), constant = g at every scale. Raster families: always constant")
     cca_lambda: float | None = Field(None, gt=0.0, description="serve: lambda of a lambda-conditioned CCA model when a "
                                      "request gives none; None: the model's default")
     guidance_beta: float | None = Field(None, ge=0.0, le=1.0, description="serve: beta of a GFT model when a request "
@@ -313,165 +344,21 @@ class Config(_Section):
         return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.root / 'mlflow.db'}"
 
 
-# ------------------------------------------------------------------------------------
-def available_presets() -> list[str]:
-    return sorted(p.name[: -len(".yaml")] for p in PRESET_DIR.iterdir() if p.name.endswith(".yaml"))
+# the loading half (presets, files, overrides, paths) lives in config_loading; importable from here too
+from cca_ray.config_loading import (  # noqa: E402
+    PATH_FIELDS,
+    PRESET_DIR,
+    ConfigError,
+    absolute_path,
+    available_presets,
+    dump_config,
+    flat_params,
+    load_config,
+    parse_override,
+    with_overrides,
+)
 
-
-def _read_yaml(path: Any, what: str) -> dict:
-    try:
-        data = yaml.safe_load(Path(str(path)).read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{what}: file not found: {path}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{what}: {path} is not valid YAML: {e}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{what}: {path} must hold a mapping of config sections, got {type(data).__name__}")
-    return data
-
-
-def _deep_merge(base: dict, top: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in top.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = tree
-    for k in keys[:-1]:
-        nxt = node.setdefault(k, {})
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"override {dotted}: {k} is not a section")
-        node = nxt
-    node[keys[-1]] = value
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """``"train.lam=3"`` -> ``("train.lam", 3)``; the value is parsed as YAML (so 3 is an int)."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like section.key=value")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key:
-        raise ConfigError(f"override {text!r} has no key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
-    return key, value
-
-
-def _format_validation_error(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "<config>"
-        if e["type"] == "extra_forbidden":
-            lines.append(f"unknown config key '{loc}'")
-        else:
-            got = e.get("input")
-            got_s = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"{loc}: {e['msg']}{got_s}")
-    return "invalid config:\n  " + "\n  ".join(lines)
-
-
-def load_config(
-    preset: str | None = "demo",
-    config_file: str | Path | None = None,
-    overrides: list[str] | dict[str, Any] | None = None,
-    workdir: str | Path | None = None,
-) -> Config:
-    """Build and validate a Config; raise ConfigError naming the bad field or file.
-
-    Every path field (PATH_FIELDS, the default workdir included) comes back absolute, resolved
-    against the current directory: the config can then be handed to Ray as it is."""
-    tree: dict = {}
-    if preset is not None:
-        if preset not in available_presets():
-            raise ConfigError(f"unknown preset '{preset}'; available presets: {', '.join(available_presets())}")
-        tree = _deep_merge(tree, _read_yaml(PRESET_DIR / f"{preset}.yaml", f"preset {preset}"))
-        tree["preset"] = preset
-    if config_file is not None:
-        tree = _deep_merge(tree, _read_yaml(config_file, "--config"))
-    items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides or []]
-    for key, value in items:
-        _set_dotted(tree, key, value)
-    if workdir is not None:
-        tree["workdir"] = str(workdir)
-    tree.setdefault("workdir", Config.model_fields["workdir"].default)
-    return _validate(_absolute_paths(tree))
-
-
-# Every config field that holds a filesystem path. load_config makes them absolute (against the
-# current directory) before anything sees them: Tune trials, Train workers and Serve replicas run
-# in directories of their own, where a relative path would point somewhere else.
-PATH_FIELDS = ("workdir", "data.path", "tokenizer.path", "model.path", "eval.inception_weights", "eval.reference_stats",
-               "tune.space",
-               "serve.checkpoint", "serve.tokenizer_dir", "serve.label_source")
-_URI_PREFIXES = ("models:/", "runs:/", "mlflow-artifacts:/", "s3://", "gs://", "hdfs://", "file://", "http://",
-                 "https://")
-
-
-def absolute_path(value: str) -> str:
-    """A path made absolute against the current directory (~ expanded); URIs are left as they are."""
-    if value.startswith(_URI_PREFIXES):
-        return value
-    return str(Path(value).expanduser().resolve())
-
-
-def _absolute_paths(tree: dict) -> dict:
-    tree = copy.deepcopy(tree)
-    for dotted in PATH_FIELDS:
-        *sections, key = dotted.split(".")
-        node = tree
-        for sec in sections:
-            node = node.get(sec) if isinstance(node, dict) else None
-            if node is None:
-                break
-        if isinstance(node, dict) and isinstance(node.get(key), str) and node[key]:
-            node[key] = absolute_path(node[key])
-    return tree
-
-
-def _validate(tree: dict) -> Config:
-    try:
-        return Config.model_validate(tree)
-    except ValidationError as e:
-        raise ConfigError(_format_validation_error(e)) from None
-
-
-def with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
-    """A copy of cfg with dotted overrides (``{"train.lam": 3}``), validated like load_config:
-    a bad key or value raises ConfigError naming the field."""
-    tree = cfg.model_dump(mode="json")
-    for key, value in overrides.items():
-        _set_dotted(tree, key, value)
-    return _validate(_absolute_paths(tree))
-
-
-def dump_config(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-
-
-def flat_params(cfg: Config, sections: tuple[str, ...] | None = None) -> dict[str, Any]:
-    """Flatten to dotted keys (for MLflow params)."""
-    out: dict[str, Any] = {}
-
-    def walk(prefix: str, node: Any) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(f"{prefix}.{k}" if prefix else k, v)
-        else:
-            out[prefix] = node
-
-    dumped = cfg.model_dump(mode="json")
-    for k, v in dumped.items():
-        if sections is None or k in sections:
-            walk(k, v)
-    return out
+__all__ = ["Config", "ConfigError", "DataConfig", "EvalConfig", "LLAMAGEN_GPT_MODELS", "LlamaGenOptions",
+           "ModelConfig", "PATH_FIELDS", "PRESET_DIR", "VAROptions",
+           "SampleConfig", "ServeConfig", "TokenizerConfig", "TrainConfig", "TuneConfig", "absolute_path",
+           "available_presets", "dump_config", "flat_params", "load_config", "parse_override", "with_overrides"]

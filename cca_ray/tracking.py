@@ -22,9 +22,13 @@ _BATCH = 100  # MLflow's log_batch limit on params per call
 
 
 def client(uri: str):
+    """A client of the store at `uri`, its model registry included (MLFLOW_REGISTRY_URI if set): never
+    the process-global registry URI, which an earlier mlflow.set_registry_uri may have pointed elsewhere."""
+    import os
+
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=os.environ.get("MLFLOW_REGISTRY_URI") or uri)
 
 
 def experiment_id(uri: str, name: str, artifact_root: str | Path | None = None) -> str:

@@ -74,8 +74,6 @@ def test_smoke_main_job_from_an_empty_dir_interrupted_and_resumed(ray_local, tmp
     import csv
     import signal
 
-    from mlflow.tracking import MlflowClient
-
     work = tmp_path / "empty"
     work.mkdir()
     cmd = [sys.executable, "-m", "cca_ray.tune", "--preset", "smoke",  # with the optional knob methods, short grids
@@ -130,7 +128,7 @@ def test_smoke_main_job_from_an_empty_dir_interrupted_and_resumed(ray_local, tmp
         assert [float(row[knob]) for row in curve] == values and all(np.isfinite(float(r["fid"])) for r in curve)
     assert "| λ-conditioned CCA | 0 | 100 |" in table and "| GFT | 0 | - | 0.5 |" in table
 
-    c = MlflowClient(cfg.mlflow_uri)
+    c = tracking.client(cfg.mlflow_uri)  # the job's registry, whatever mlflow.set_registry_uri said in this process
     exp = c.get_experiment_by_name(cfg.experiment)
     runs = c.search_runs([exp.experiment_id])
     parents = [r for r in runs if r.info.run_name == "sweep-smoke"]

@@ -73,8 +73,12 @@ def run_ray(fn, *args, **kwargs):
 
 
 # -- read ----------------------------------------------------------------------------------
-def read_units(batch: dict, source, units: list, on_bad_row: str, seed: int, holdout_fraction: float) -> pa.Table:
-    """Ray task: read the source units named in batch["unit"] -> ROWS_SCHEMA table."""
+def read_units(batch: dict, source, units: list, on_bad_row: str, seed: int, holdout_fraction: float,
+               image_size: int | None = None, augment: str = "none") -> pa.Table:
+    """Ray task: read the source units named in batch["unit"] -> ROWS_SCHEMA table. data.augment expands a
+    train image into its views (cca_ray/data/preprocess.py), each in the image's split."""
+    from cca_ray.data.preprocess import augment_views, holdout_view
+
     rows: list[Row] = []
     for u in np.asarray(batch["unit"]).tolist():
         unit = units[u]
@@ -88,12 +92,15 @@ def read_units(batch: dict, source, units: list, on_bad_row: str, seed: int, hol
     for r in rows:
         if r.error is not None and on_bad_row == "error":
             raise DataError(r.error)
-        cols["image"].append(None if r.image is None else r.image.tobytes())
-        cols["label"].append(r.label)
-        cols["prompt"].append(r.prompt)
-        cols["source_id"].append(r.source_id)
-        cols["split"].append(split_of(r.source_id, seed, holdout_fraction))
-        cols["error"].append(r.error)
+        split = split_of(r.source_id, seed, holdout_fraction)
+        views = [("", None)] if r.image is None else augment_views(r.image, image_size or r.image.shape[0], augment)
+        for suffix, image in (views if split == "train" or r.image is None else holdout_view(views, augment)):
+            cols["image"].append(None if image is None else image.tobytes())
+            cols["label"].append(r.label)
+            cols["prompt"].append(r.prompt)
+            cols["source_id"].append(r.source_id + suffix)
+            cols["split"].append(split)
+            cols["error"].append(r.error)
     return pa.table(cols, schema=ROWS_SCHEMA)
 
 
@@ -108,7 +115,8 @@ def source_dataset(source, data_cfg):
         ds = ray.data.from_items([{"unit": i} for i in range(len(units))], override_num_blocks=len(units))
     return ds.map_batches(read_units, batch_size=1, batch_format="numpy",
                           fn_kwargs=dict(source=source, units=units, on_bad_row=data_cfg.on_bad_row,
-                                         seed=data_cfg.seed, holdout_fraction=data_cfg.holdout_fraction))
+                                         seed=data_cfg.seed, holdout_fraction=data_cfg.holdout_fraction,
+                                         image_size=data_cfg.image_size, augment=data_cfg.augment))
 
 
 def fit_images(rows_ds, n_max: int, image_size: int, channels: int) -> np.ndarray:

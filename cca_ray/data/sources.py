@@ -5,7 +5,9 @@ parquet row group, a chunk of a folder) and `read(unit)` yields one `Row` per im
 
     Row(image=uint8 [H, W, C], label=int | None, prompt=str | None, source_id=str, error=None)
 
-Images come out already resized to data.image_size and converted to data.channels.
+Images come out as squares of data.image_size by data.preprocess (resize, LlamaGen's centre crop, VAR's
+resize-and-crop: cca_ray/data/preprocess.py; for data.augment=ten-crop the larger square its crops
+come from) and converted to data.channels.
 A row that cannot be read comes out with image=None and `error` naming the file and
 row; the pipeline raises it (data.on_bad_row=error) or records it in the manifest (skip).
 Problems with a whole file (missing columns, a truncated parquet) raise DataError at once.
@@ -67,8 +69,11 @@ def split_of(source_id: str, seed: int, holdout_fraction: float) -> str:
     return "holdout" if int.from_bytes(h, "big") / 2**64 < holdout_fraction else "train"
 
 
-def to_image(img, image_size: int, channels: int) -> np.ndarray:
-    """PIL image or uint8/float array [H, W(, C)] -> uint8 [image_size, image_size, channels]."""
+def to_image(img, image_size: int, channels: int, preprocess: str = "resize") -> np.ndarray:
+    """PIL image or uint8/float array [H, W(, C)] -> uint8 [image_size, image_size, channels]
+    (data.preprocess: cca_ray.data.preprocess.to_square)."""
+    from cca_ray.data.preprocess import to_square
+
     from PIL import Image
 
     if not isinstance(img, Image.Image):
@@ -76,14 +81,12 @@ def to_image(img, image_size: int, channels: int) -> np.ndarray:
         if arr.dtype != np.uint8:
             arr = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
         img = Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr)
-    img = img.convert("L" if channels == 1 else "RGB")
-    if img.size != (image_size, image_size):
-        img = img.resize((image_size, image_size), Image.Resampling.BICUBIC)
+    img = to_square(img.convert("L" if channels == 1 else "RGB"), image_size, preprocess)
     arr = np.asarray(img, dtype=np.uint8)
     return arr[..., None] if arr.ndim == 2 else arr
 
 
-def decode_image_bytes(data: bytes, image_size: int, channels: int) -> np.ndarray:
+def decode_image_bytes(data: bytes, image_size: int, channels: int, preprocess: str = "resize") -> np.ndarray:
     """Encoded image bytes (PNG/JPEG/...) -> uint8 [S, S, C]; raises ValueError if corrupt."""
     from PIL import Image, UnidentifiedImageError
 
@@ -92,7 +95,7 @@ def decode_image_bytes(data: bytes, image_size: int, channels: int) -> np.ndarra
         img.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"corrupt image bytes ({type(e).__name__}: {e})") from None
-    return to_image(img, image_size, channels)
+    return to_image(img, image_size, channels, preprocess)
 
 
 def _package_data(package: str, rel: str) -> Path:
@@ -130,6 +133,8 @@ def _digits_arrays(name: str) -> tuple[np.ndarray, np.ndarray]:
 class DigitsSource:
     """A bundled digit set; rows in a seeded permutation so max_images keeps classes balanced."""
 
+    preprocess = "resize"  # data.preprocess (make_source sets it)
+
     def __init__(self, name: str, image_size: int, channels: int, max_images: int | None, seed: int):
         self.name, self.image_size, self.channels = name, image_size, channels
         self.max_images, self.seed = max_images, seed
@@ -147,7 +152,7 @@ class DigitsSource:
         images, labels = _digits_arrays(self.name)
         for idx in self._order()[unit.start : unit.stop]:
             lab = int(labels[idx])
-            yield Row(f"{self.name}:{idx}", to_image(images[idx], self.image_size, self.channels), lab, digit_prompt(lab))
+            yield Row(f"{self.name}:{idx}", to_image(images[idx], self.image_size, self.channels, self.preprocess), lab, digit_prompt(lab))
 
 
 def _label_value(v) -> int | None:
@@ -170,6 +175,8 @@ class ParquetSource:
     HF datasets) plus caption and/or label columns. One unit per row group."""
 
     UNREADABLE = -2  # Unit.group of a file whose footer cannot be read (on_bad_row=skip)
+
+    preprocess = "resize"  # data.preprocess (make_source sets it)
 
     def __init__(self, path: str, image_column: str, caption_column: str | None, label_column: str | None,
                  image_size: int, channels: int, max_images: int | None, on_bad_row: str = "error"):
@@ -242,7 +249,7 @@ class ParquetSource:
                 if img is None:
                     raise ValueError(f"image column {self.image_column!r} is null")
                 prompt = _prompt_value(caps[i]) if self.caption_column else None
-                yield Row(sid, decode_image_bytes(img, self.image_size, self.channels), _label_value(labs[i]), prompt)
+                yield Row(sid, decode_image_bytes(img, self.image_size, self.channels, self.preprocess), _label_value(labs[i]), prompt)
             except ValueError as e:
                 yield Row(sid, error=f"{unit.file}: row {row}: {e}")
 
@@ -251,6 +258,8 @@ class FolderSource:
     """A folder of images with `captions.jsonl` (one {"file", <caption_column>, <label_column>}
     object per line), or without it one sub-folder per class (label = sorted index,
     prompt = folder name with _ as spaces)."""
+
+    preprocess = "resize"  # data.preprocess (make_source sets it)
 
     def __init__(self, path: str, caption_column: str | None, label_column: str | None,
                  image_size: int, channels: int, max_images: int | None):
@@ -289,34 +298,59 @@ class FolderSource:
                                     "prompt": cls.replace("_", " ")})
         return out[: self.max_images] if self.max_images else out
 
+    def _class_entries(self, cls_dir: Path, label: int) -> list[dict]:
+        return [{"file": str(f), "where": str(f), "sid": str(f), "label": label, "prompt": cls_dir.name.replace("_", " ")}
+                for f in sorted(cls_dir.iterdir()) if f.suffix.lower() in IMAGE_EXTENSIONS]
+
     def units(self) -> list[Unit]:
-        n = len(self._entries())
-        return [Unit(str(self.root), s, min(s + UNIT_ROWS, n)) for s in range(0, n, UNIT_ROWS)]
+        if (self.root / "captions.jsonl").exists():
+            n = len(self._entries())
+            return [Unit(str(self.root), s, min(s + UNIT_ROWS, n)) for s in range(0, n, UNIT_ROWS)]
+        # class folders (ImageNet's train/n01440764/*.JPEG): a unit is a slice of one class folder, so a read
+        # task lists one folder, not all 1,000
+        out, left = [], self.max_images
+        for label, cls in enumerate(sorted(d.name for d in self.root.iterdir() if d.is_dir())):
+            n = len(self._class_entries(self.root / cls, label))
+            n = n if left is None else min(n, left)
+            out += [Unit(str(self.root / cls), s, min(s + UNIT_ROWS, n), label) for s in range(0, n, UNIT_ROWS)]
+            left = None if left is None else left - n
+            if left == 0:
+                break
+        if not out and not any(d.is_dir() for d in self.root.iterdir()):
+            raise DataError(f"{self.root}: neither captions.jsonl nor class sub-folders found")
+        return out
 
     def read(self, unit: Unit) -> Iterator[Row]:
-        for e in self._entries()[unit.start : unit.stop]:
+        entries = (self._class_entries(Path(unit.file), unit.group) if unit.group >= 0 else self._entries())
+        for e in entries[unit.start : unit.stop]:
             sid = e["sid"]  # unique even if captions.jsonl lists one image twice
             if "error" in e:
                 yield Row(sid, error=e["error"])
                 continue
             try:
                 data = Path(e["file"]).read_bytes()
-                yield Row(sid, decode_image_bytes(data, self.image_size, self.channels), e["label"], e["prompt"])
+                yield Row(sid, decode_image_bytes(data, self.image_size, self.channels, self.preprocess), e["label"], e["prompt"])
             except (OSError, ValueError) as err:
                 yield Row(sid, error=f"{e['file']} ({e['where']}): {err}")
 
 
 def make_source(data_cfg) -> DigitsSource | ParquetSource | FolderSource:
     """The source named by data.source (a DataConfig)."""
+    from cca_ray.data.preprocess import read_size
+
     d = data_cfg
+    size = read_size(d.image_size, d.augment)  # ten-crop's crops come from a larger square
     if d.source in ("mnist", "sklearn-digits"):
-        return DigitsSource(d.source, d.image_size, d.channels, d.max_images, d.seed)
-    if not d.path:
+        src = DigitsSource(d.source, size, d.channels, d.max_images, d.seed)
+    elif not d.path:
         raise DataError(f"data.source={d.source} needs data.path")
-    if d.source == "parquet":
-        return ParquetSource(d.path, d.image_column, d.caption_column, d.label_column, d.image_size, d.channels,
-                             d.max_images, d.on_bad_row)
-    return FolderSource(d.path, d.caption_column, d.label_column, d.image_size, d.channels, d.max_images)
+    elif d.source == "parquet":
+        src = ParquetSource(d.path, d.image_column, d.caption_column, d.label_column, size, d.channels,
+                            d.max_images, d.on_bad_row)
+    else:
+        src = FolderSource(d.path, d.caption_column, d.label_column, size, d.channels, d.max_images)
+    src.preprocess = d.preprocess
+    return src
 
 
 def iter_rows(source) -> Iterator[Row]:

@@ -95,7 +95,7 @@ def evaluate_model(
     conds, labels = balanced_conditions(setup.label_to_prompt, n, setup.condition_kind)
     kw = dict(guidance=guidance, temperature=cfg.sample.temperature, top_k=cfg.sample.top_k, top_p=cfg.sample.top_p,
               seed=cfg.eval.seed, batch_size=cfg.sample.batch_size,
-              cca_lambda=cca_lambda, guidance_beta=guidance_beta)
+              cca_lambda=cca_lambda, guidance_beta=guidance_beta, cfg_schedule=cfg.sample.cfg_schedule)
     if model is not None:
         from cca_ray.tokenizers import load_tokenizer
 

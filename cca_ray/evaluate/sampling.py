@@ -44,12 +44,15 @@ def sample_local(
     progress: bool = False,
     cca_lambda: float | None = None,
     guidance_beta: float | None = None,
+    cfg_schedule: str | None = None,
 ) -> np.ndarray:
     """Sample one image per raw condition with an in-process model: uint8 [N, H, W, C].
 
     Image i uses seed ``seed + first_index + i``. cca_lambda / guidance_beta: the knob of a
-    λ-conditioned CCA / GFT model (cca_ray.models.knob); None: its default.
+    λ-conditioned CCA / GFT model (cca_ray.models.knob); None: its default. cfg_schedule
+    (sample.cfg_schedule) reaches the families whose sampler has one (VAR's guidance per scale).
     """
+    extra = {"cfg_schedule": cfg_schedule} if cfg_schedule and getattr(model, "has_cfg_schedule", False) else {}
     grid = tuple(tokenizer.grid)
     out = []
     steps = range(0, len(conds), batch_size)
@@ -59,7 +62,7 @@ def sample_local(
         seeds = [seed + first_index + s + i for i in range(len(chunk))]
         knobs = {k: v for k, v in (("cca_lambda", cca_lambda), ("guidance_beta", guidance_beta)) if v is not None}
         codes = model.generate(cond, guidance=guidance, temperature=temperature, top_k=top_k, top_p=top_p, seed=seeds,
-                               **knobs)
+                               **knobs, **extra)
         out.append(tokenizer.decode(codes.cpu().numpy().astype(np.int32)))
     return np.concatenate(out) if out else np.zeros((0, tokenizer.image_size, tokenizer.image_size, tokenizer.channels), np.uint8)
 

@@ -5,7 +5,7 @@ family's two entry points live (imported on first use, so loading one family nev
 another's dependencies):
 
     load(path, *, device, dtype, **options) -> ARVisualModel       a released checkpoint or our save()
-    build_tiny(out_dir, model_cfg, *, codebook_size, prompts, num_classes, grid) -> Path
+    build_tiny(out_dir, model_cfg, *, codebook_size, prompts, num_classes, grid, tokenizer_dir) -> Path
                                                                     a random-init model in the real layout
 
 A stage loads a configured model with `load_model(path, **loader_options(cfg.model, path))`: a family's
@@ -101,11 +101,13 @@ def loader_options(model_cfg, path) -> dict:
 
 
 def build_tiny_model(out_dir, model_cfg, *, codebook_size: int, prompts: Sequence[str] = (),
-                     num_classes: int | None = None, grid: tuple[int, int] | None = None) -> Path:
+                     num_classes: int | None = None, grid: tuple[int, int] | None = None,
+                     tokenizer_dir=None) -> Path:
     """Random-init model of `model_cfg`'s family and size, saved under out_dir (used when model.path is None).
-    prompts: the dataset's prompts (text families build their BPE on them); num_classes: class families."""
+    prompts: the dataset's prompts (text families build their BPE on them); num_classes: class families;
+    tokenizer_dir: the data's saved tokenizer (VAR pairs the model with its VQVAE and scales)."""
     return _entry(model_cfg.family, "build_tiny")(out_dir, model_cfg, codebook_size=codebook_size, prompts=prompts,
-                                                  num_classes=num_classes, grid=grid)
+                                                  num_classes=num_classes, grid=grid, tokenizer_dir=tokenizer_dir)
 
 
 __all__ = ["ARVisualModel", "Cond", "DTYPES", "MODEL_FAMILIES", "RawCondition", "SIDECAR", "build_tiny_model",

@@ -58,6 +58,7 @@ class TrainRows:
     ref_logp_null: np.ndarray | None = None
     source: str = "<memory>"
     manifest: dict | None = None
+    row_seeds: np.ndarray | None = None  # int64 [N], row_seeds(source_id): drop-path draws (VAR)
 
     def __len__(self) -> int:
         return self.codes.shape[0]
@@ -86,6 +87,16 @@ def code_shape(manifest: dict) -> tuple[int, ...]:
     """The shape of one row's codes: the tokenizer's code_shape (VAR: [680]), else its grid."""
     tok = manifest.get("tokenizer") or {}
     return tuple(int(x) for x in (tok.get("code_shape") or manifest["grid"]))
+
+
+def row_seeds(source_ids) -> np.ndarray:
+    """One int64 seed per row from its source_id (stable across epochs, ranks, shard order): the drop-path
+    draws of a family that trains with it (VAR), shared by the policy, the frozen reference and the
+    precomputed reference pass, so log p_theta / p_phi is exactly 0 at step 0."""
+    import hashlib
+
+    return np.array([int.from_bytes(hashlib.blake2b(str(s).encode(), digest_size=4).digest(), "big")
+                     for s in source_ids], dtype=np.int64)
 
 
 def read_rows(dataset_dir: str | Path, *, pairs: bool, reference: bool, condition_kind: str = "prompt") -> TrainRows:
@@ -148,6 +159,7 @@ def read_rows(dataset_dir: str | Path, *, pairs: bool, reference: bool, conditio
         ref_logp_null=optional_floats("ref_logp_null") if reference else None,
         source=str(dataset_dir),
         manifest=manifest,
+        row_seeds=row_seeds(sids),
     )
 
 
@@ -217,6 +229,7 @@ class MicroBatch:
     ref_logp_pos: torch.Tensor | None
     ref_logp_neg: torch.Tensor | None
     rows: np.ndarray
+    row_seeds: torch.Tensor | None = None  # int64 [M]: TrainRows.row_seeds of these rows
 
     @property
     def num_images(self) -> int:
@@ -260,7 +273,8 @@ def make_micro_batch(data: TrainRows, rows: np.ndarray, objective: str, *, cond_
                 ref_pos = np.where(null_pos, data.ref_logp_null[rows], ref_pos)
                 ref_neg = np.where(null_neg, data.ref_logp_null[rows], ref_neg)
         ref = (torch.from_numpy(np.ascontiguousarray(ref_pos)), torch.from_numpy(np.ascontiguousarray(ref_neg)))
-    return MicroBatch(codes, pos, neg, neg_null, ref[0], ref[1], rows)
+    seeds = torch.from_numpy(data.row_seeds[rows]) if data.row_seeds is not None else None
+    return MicroBatch(codes, pos, neg, neg_null, ref[0], ref[1], rows, seeds)
 
 
 def draw_knob(kind: str, n: int, seed: tuple[int, ...], lam_range: tuple[float, float] | None = None) -> torch.Tensor:

@@ -43,7 +43,8 @@ def build_init_model(cfg: Config, init_dir: Path) -> Path:
         raise TrainDataError(f"{train_dir}: no labelled rows; model.family={cfg.model.family} is class-conditional")
     with atomic_dir(init_dir) as tmp:
         build_tiny_model(tmp, cfg.model, codebook_size=codebook, prompts=prompts,
-                         num_classes=max(labels) + 1 if labels else None, grid=tuple(manifest["grid"]))
+                         num_classes=max(labels) + 1 if labels else None, grid=tuple(manifest["grid"]),
+                         tokenizer_dir=cfg.data_dir / "tokenizer")
     return init_dir
 
 

@@ -244,17 +244,20 @@ class Trainer:
         paired = mb.neg_conds is not None
         cond = self.adapter.encode_conditions(mb.pos_conds + (mb.neg_conds or []), self.data.grid)
         codes = torch.cat([mb.codes, mb.codes]) if paired else mb.codes
+        # drop-path (VAR) from per-row seeds when a reference is compared: the same draws as the reference's
+        seeds = mb.row_seeds if paired and getattr(self.adapter, "takes_drop_seeds", False) else None
+        drop = {} if seeds is None else {"drop_seeds": torch.cat([seeds, seeds])}
         m = mb.num_images
         lam, policy_cond = tc.lam, cond  # the reference (the base model) never sees λ
         if tc.lam_sampling == "loguniform":  # one λ per pair: the row's positive and its negative share it
             lam = draw_knob("lam", m, seed, tc.lam_range)
             policy_cond = cond.with_knob(torch.cat([lam, lam]) if paired else lam)
-        logp = self.adapter.sequence_logprob(policy_cond, codes, module=self.engine)
+        logp = self.adapter.sequence_logprob(policy_cond, codes, module=self.engine, **drop)
         logps = {"policy_logp_pos": logp[:m], "policy_logp_neg": logp[m:] if paired else None,
                  "neg_is_null": mb.neg_is_null}
         if self.ref_engine is not None:
             with torch.no_grad():
-                ref = self.adapter.sequence_logprob(cond, codes, module=self.ref_engine)
+                ref = self.adapter.sequence_logprob(cond, codes, module=self.ref_engine, **drop)
             logps.update(ref_logp_pos=ref[:m], ref_logp_neg=ref[m:])
         elif mb.ref_logp_pos is not None:
             logps.update(ref_logp_pos=mb.ref_logp_pos.to(logp.device), ref_logp_neg=mb.ref_logp_neg.to(logp.device))

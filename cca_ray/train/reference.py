@@ -85,8 +85,13 @@ class ReferenceScorer:
             m = _ROW_IN_BATCH.search(str(e))
             where = sids[int(m.group(1))] if m else f"batch starting at {sids[0]}"
             raise DataError(f"{where}: {e}") from None
+        drop = {}
+        if getattr(self.model, "takes_drop_seeds", False):  # the trainer's drop-path draws (batches.row_seeds)
+            from cca_ray.train.batches import row_seeds
+
+            drop = {"drop_seeds": self.torch.from_numpy(row_seeds(sids))}
         with self.torch.no_grad():
-            return self.model.sequence_logprob(cond, codes).float().cpu().numpy().astype(np.float32)
+            return self.model.sequence_logprob(cond, codes, **drop).float().cpu().numpy().astype(np.float32)
 
     def __call__(self, t: pa.Table) -> pa.Table:
         torch = self.torch

@@ -14,6 +14,7 @@ sampler backend), checkpoint (load / save / tiny random models), tokenizer (``va
 from cca_ray.models.var.adapter import VARAdapter, guidance_per_scale
 from cca_ray.models.var.checkpoint import (
     SIDECAR,
+    build_tiny_from_config,
     build_tiny_var,
     load_var,
     load_var_module,
@@ -37,6 +38,6 @@ from cca_ray.models.var.vqvae import (
 
 __all__ = [
     "PATCH_NUMS", "RELEASED_DEPTHS", "SIDECAR", "ScaleLayout", "VAR", "VARAdapter", "VARConfig", "VQVAE", "VQVAEConfig",
-    "build_tiny_var", "build_tiny_vqvae", "build_var", "guidance_per_scale", "load_quantizer", "load_var",
+    "build_tiny_from_config", "build_tiny_var", "build_tiny_vqvae", "build_var", "guidance_per_scale", "load_quantizer", "load_var",
     "load_var_module", "load_vqvae", "var_config", "var_config_from_state_dict",
 ]

@@ -84,6 +84,8 @@ class VARAdapter:
     condition_kind = "label"
     max_prompt_tokens = 1
     frozen_prefixes: tuple[str, ...] = ()  # the quantiser is not inside `module`
+    has_cfg_schedule = True  # generate() takes cfg_schedule (sample.cfg_schedule)
+    takes_drop_seeds = True  # sequence_logprob(..., drop_seeds=): drop-path drawn from per-row seeds
 
     def __init__(self, var: VAR, quant: MultiScaleQuantizer, *, vae_file=None):
         cfg = var.cfg
@@ -144,9 +146,14 @@ class VARAdapter:
         knob = {"knob": cond.knob.to(self.device)} if cond.knob is not None else {}
         return dict(labels=cond.input_ids[:, 0].to(self.device), x_BLCv_wo_first_l=x, targets=codes, **knob)
 
-    def sequence_logprob(self, cond: Cond, codes: torch.Tensor, module: nn.Module | None = None) -> torch.Tensor:
-        """log p(codes | class) [B] fp32 (nats), summed over the 680 tokens; `module` may be a DeepSpeed engine."""
-        return (module or self.module)(**self.scoring_inputs(cond, codes))
+    def sequence_logprob(self, cond: Cond, codes: torch.Tensor, module: nn.Module | None = None,
+                         drop_seeds: torch.Tensor | None = None) -> torch.Tensor:
+        """log p(codes | class) [B] fp32 (nats), summed over the 680 tokens; `module` may be a DeepSpeed engine.
+        drop_seeds (int64 [B]): drop-path from these row seeds, in train or eval mode (transformer.py)."""
+        inputs = self.scoring_inputs(cond, codes)
+        if drop_seeds is not None:
+            inputs["drop_seeds"] = torch.as_tensor(drop_seeds, dtype=torch.long).to(self.device)
+        return (module or self.module)(**inputs)
 
     def token_logits(self, cond: Cond, codes: torch.Tensor, module: nn.Module | None = None) -> torch.Tensor:
         """Logits fp32 [B, 680, V] at every code (scales flat), one teacher-forced pass."""

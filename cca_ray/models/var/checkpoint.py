@@ -176,3 +176,26 @@ def build_tiny_var(
         var = init_unit_scale(VAR(cfg), seed)
     VARAdapter(var, quant, vae_file=Path(vae_path).resolve()).save(out_dir)
     return out_dir
+
+
+def build_tiny_from_config(out_dir, model_cfg, *, codebook_size: int, num_classes: int | None = None,
+                           tokenizer_dir=None, **_) -> Path:
+    """The registry's build_tiny: a VAR of model_cfg's size (num_layers = depth) over the data's classes,
+    paired with the VQVAE and scales of the data's var-vqvae tokenizer (tokenizer_dir), so its codes
+    are the shards' codes. drop_path_rate: model.var.drop_path_rate, else 0 (see build_tiny_var)."""
+    if not num_classes:
+        raise ValueError("VAR is class-conditional: the training data has no labels")
+    if tokenizer_dir is None:
+        raise ValueError("a tiny VAR needs the data's var-vqvae tokenizer (its VQVAE and scales)")
+    from cca_ray.tokenizers import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir, device="cpu")
+    if tok.kind != "var-vqvae":
+        raise ValueError(f"model.family=var needs tokenizer.kind=var-vqvae (multi-scale codes); the data at "
+                         f"{tokenizer_dir} was tokenized with {tok.kind}")
+    dpr = model_cfg.var.drop_path_rate
+    return build_tiny_var(out_dir, codebook_size=codebook_size, hidden_size=model_cfg.hidden_size,
+                          num_layers=model_cfg.num_layers, num_heads=model_cfg.num_heads,
+                          intermediate_size=model_cfg.intermediate_size, num_kv_heads=model_cfg.num_kv_heads,
+                          num_classes=num_classes, vae_path=tok.path, patch_nums=tok.scales,
+                          drop_path_rate=dpr or 0.0, seed=model_cfg.seed)

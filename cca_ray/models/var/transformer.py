@@ -14,6 +14,11 @@ LayerNorm modulated by the class embedding (AdaLN-before-head) and a linear map 
 
 Class dropout never happens here: a null condition is the null class id (``num_classes``),
 chosen by the caller, so scoring and sampling are deterministic in eval mode.
+
+Drop-path (stochastic depth, VAR's training regulariser) is drawn from the global generator in train
+mode, or, given ``drop_seeds`` (one int per row), from a hash of (row seed, block, branch) in either
+mode: the trainer's policy, its frozen reference and the precomputed reference pass then drop the
+same branches of the same rows, so CCA's Δ = log p_θ - log p_φ is exactly 0 at step 0.
 """
 
 from __future__ import annotations
@@ -70,11 +75,30 @@ def var_config(depth: int, **overrides) -> VARConfig:
     return VARConfig(**{**base, **overrides})
 
 
-def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Stochastic depth: drop a residual branch per sample with probability p, rescale survivors."""
-    if p == 0.0 or not training:
+_M32 = 0xFFFFFFFF
+
+
+def seeded_uniform(seeds: torch.Tensor, salt: int) -> torch.Tensor:
+    """A uniform [0, 1) per row from int64 row seeds [B] and a salt: a 32-bit integer hash (the
+    "lowbias" mixer) on int64 tensors, the same on every device and dtype. float64 [B]."""
+    h = ((seeds & _M32) ^ ((seeds >> 32) & _M32) ^ ((salt * 0x9E3779B9) & _M32)) & _M32
+    for _ in range(2):
+        h = (((h >> 16) ^ h) * 0x45D9F3B) & _M32
+    h = (h >> 16) ^ h
+    return h.double() / 2.0**32
+
+
+def drop_path(x: torch.Tensor, p: float, training: bool, seeds: torch.Tensor | None = None,
+              salt: int = 0) -> torch.Tensor:
+    """Stochastic depth: drop a residual branch per sample with probability p, rescale survivors.
+    Without seeds only in training, from the global generator; with row seeds [B] always, from them."""
+    if p == 0.0 or (seeds is None and not training):
         return x
-    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - p)
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    if seeds is None:
+        keep = x.new_empty(shape).bernoulli_(1.0 - p)
+    else:
+        keep = (seeded_uniform(seeds.to(x.device), salt) >= p).to(x.dtype).view(shape)
     return x * keep.div_(1.0 - p)
 
 
@@ -141,10 +165,10 @@ class FFN(nn.Module):
 
 
 class AdaLNSelfAttn(nn.Module):
-    def __init__(self, cfg: VARConfig, drop_path_rate: float):
+    def __init__(self, cfg: VARConfig, drop_path_rate: float, index: int = 0):
         super().__init__()
         c = cfg.embed_dim
-        self.C, self.drop_path_rate, self.shared_aln = c, drop_path_rate, cfg.shared_aln
+        self.C, self.drop_path_rate, self.shared_aln, self.index = c, drop_path_rate, cfg.shared_aln, index
         self.attn = SelfAttention(cfg)
         self.ffn = FFN(c, round(c * cfg.mlp_ratio))
         self.ln_wo_grad = nn.LayerNorm(c, eps=cfg.norm_eps, elementwise_affine=False)
@@ -159,12 +183,13 @@ class AdaLNSelfAttn(nn.Module):
             return self.ada_gss + cond
         return self.ada_lin(cond).view(-1, 1, 6, self.C)
 
-    def forward(self, x, mod, attn_bias=None, kv: KVCache | None = None):
+    def forward(self, x, mod, attn_bias=None, kv: KVCache | None = None, drop_seeds: torch.Tensor | None = None):
         gamma1, gamma2, scale1, scale2, shift1, shift2 = mod.unbind(2)
         h = self.attn(self.ln_wo_grad(x).mul(scale1.add(1)).add_(shift1), attn_bias, kv)
-        x = x + drop_path(h.mul(gamma1), self.drop_path_rate, self.training)
+        p, salt = self.drop_path_rate, 2 * self.index + 1
+        x = x + drop_path(h.mul(gamma1), p, self.training, drop_seeds, salt)
         h = self.ffn(self.ln_wo_grad(x).mul(scale2.add(1)).add_(shift2))
-        return x + drop_path(h.mul(gamma2), self.drop_path_rate, self.training)
+        return x + drop_path(h.mul(gamma2), p, self.training, drop_seeds, salt + 1)
 
 
 class AdaLNBeforeHead(nn.Module):
@@ -205,7 +230,7 @@ class VAR(nn.Module):
         self.lvl_embed = nn.Embedding(lay.num_scales, c)
         self.shared_ada_lin = nn.Sequential(nn.SiLU(), SharedAdaLin(c, 6 * c)) if cfg.shared_aln else nn.Identity()
         rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu").tolist()  # linearly deeper
-        self.blocks = nn.ModuleList(AdaLNSelfAttn(cfg, r) for r in rates)
+        self.blocks = nn.ModuleList(AdaLNSelfAttn(cfg, r, i) for i, r in enumerate(rates))
         self.head_nm = AdaLNBeforeHead(c, cfg.norm_eps)
         self.head = nn.Linear(c, cfg.vocab_size)
         self.gradient_checkpointing = False
@@ -242,23 +267,26 @@ class VAR(nn.Module):
         return cond if offset is None else cond + offset.to(cond.dtype)
 
     def teacher_forced_logits(self, labels: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor,
-                              knob: torch.Tensor | None = None) -> torch.Tensor:
-        """labels [B] class ids (null = num_classes); x [B, L - first_l, Cvae] -> logits [B, L, V] fp32."""
+                              knob: torch.Tensor | None = None, drop_seeds: torch.Tensor | None = None) -> torch.Tensor:
+        """labels [B] class ids (null = num_classes); x [B, L - first_l, Cvae] -> logits [B, L, V] fp32.
+        drop_seeds: int64 [B] row seeds of the drop-path draws (module docstring)."""
         cond = self.condition(labels, knob)
         x = torch.cat([self.first_scale_input(cond), self.scale_input(x_BLCv_wo_first_l, self.first_l, self.L)], 1)
         bias = self.attn_bias_for_masking.to(x.dtype)
         for blk, mod in zip(self.blocks, self.modulations(cond)):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(blk, x, mod, bias, use_reentrant=False)
+                x = checkpoint(blk, x, mod, bias, None, drop_seeds, use_reentrant=False)
             else:
-                x = blk(x, mod, bias)
+                x = blk(x, mod, bias, None, drop_seeds)
         return self.logits(x, cond)
 
     def forward(self, labels: torch.Tensor, x_BLCv_wo_first_l: torch.Tensor, targets: torch.Tensor,
-                knob: torch.Tensor | None = None, return_logits: bool = False) -> torch.Tensor:
+                knob: torch.Tensor | None = None, return_logits: bool = False,
+                drop_seeds: torch.Tensor | None = None) -> torch.Tensor:
         """targets [B, L] codes -> sum over the L tokens of log-softmax at the target, [B] fp32
-        (return_logits: the logits [B, L, V] themselves). knob [B]: a knob model's per-row λ or β."""
-        logits = self.teacher_forced_logits(labels, x_BLCv_wo_first_l, knob)
+        (return_logits: the logits [B, L, V] themselves). knob [B]: a knob model's per-row λ or β;
+        drop_seeds [B]: the drop-path draws' row seeds."""
+        logits = self.teacher_forced_logits(labels, x_BLCv_wo_first_l, knob, drop_seeds)
         if return_logits:
             return logits
         picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
