@@ -247,7 +247,21 @@ class EvalConfig(_Section):
     kid_subset_size: int = Field(100, gt=1)
     prc_neighborhood: int = Field(3, gt=0)
     workers: int = Field(2, gt=0)
-    seed: int = 1234
+    seed: int = Field(1234, description="image i of the final evaluation uses seed + i")
+    # ASHA selects on the proxy; the reported table must not reuse its samples: other seeds, other real images
+    proxy_seed: int = Field(1_000_000, description="image i of the FID proxy uses proxy_seed + i "
+                            "(must not overlap the final evaluation's seeds)")
+    proxy_reference_size: int = Field(1000, gt=0, description="train-split images the FID proxy compares against "
+                                      "(the final table compares against the holdout)")
+
+    @model_validator(mode="after")
+    def _proxy_seeds_disjoint(self) -> EvalConfig:
+        proxy = range(self.proxy_seed, self.proxy_seed + self.proxy_num_samples)
+        final = range(self.seed, self.seed + self.num_samples)
+        if proxy.start < final.stop and final.start < proxy.stop:
+            raise ValueError(f"eval.proxy_seed: the proxy's seeds [{proxy.start}, {proxy.stop}) overlap the final "
+                             f"evaluation's [{final.start}, {final.stop}); pick a proxy_seed outside that range")
+        return self
 
 
 class TuneConfig(_Section):

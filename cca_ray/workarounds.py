@@ -25,14 +25,15 @@ def skip_deepspeed_shm_build() -> None:
 
 class _DropRayTrainReportLines(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Reporting training result")
+        return not record.getMessage().startswith(("Reporting training result", "Checkpoint successfully created"))
 
 
 def quiet_ray_train_reports() -> None:
-    """Drop Ray Train's `Reporting training result ...` lines in this worker.
+    """Drop Ray Train's `Reporting training result ...` and `Checkpoint successfully created ...` lines in this worker.
 
     Ray Train logs every ray.train.report call in full, once per rank, through a logger named after
-    its source file, which drowned our own per-step lines (they carry the same metrics). A filter on
+    its source file, which drowned our own per-step lines (they carry the same metrics); likewise one
+    checkpoint line per rank per report (our own step lines say when a checkpoint is kept). A filter on
     the root handlers (public logging API) removes just those lines and nothing else.
     """
     for handler in logging.getLogger().handlers:

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from importlib import resources
 
+import numpy as np
 import pytest
 import yaml
 
@@ -146,3 +147,32 @@ def test_every_path_is_absolute_once_loaded(tmp_path, monkeypatch):
     assert load_config("smoke", workdir="w").workdir == str(tmp_path / "w")
     monkeypatch.chdir("/")
     assert cfg.root == tmp_path / "cca_work"  # the same place from anywhere
+
+
+def test_proxy_seeds_are_disjoint_from_the_final_evaluation_seeds(tmp_path):
+    """ASHA selects on the FID proxy; the reported table must use other seeds (and other real images)."""
+    for name in available_presets():
+        e = load_config(name, workdir=tmp_path).eval
+        proxy = set(range(e.proxy_seed, e.proxy_seed + e.proxy_num_samples))
+        final = set(range(e.seed, e.seed + e.num_samples))
+        assert proxy and final and not proxy & final, name
+    cfg = load_config("smoke", workdir=tmp_path)
+    with pytest.raises(ConfigError, match=r"eval.proxy_seed.*overlap"):
+        with_overrides(cfg, {"eval.proxy_seed": cfg.eval.seed + cfg.eval.num_samples - 1})
+    ok = with_overrides(cfg, {"eval.proxy_seed": cfg.eval.seed + cfg.eval.num_samples})  # adjacent is fine
+    assert ok.eval.proxy_seed == cfg.eval.seed + cfg.eval.num_samples
+
+
+def test_the_proxy_reference_comes_from_the_train_split(tmp_path):
+    """The proxy compares against train-split images; the final table against the holdout."""
+    from cca_ray.data.sources import iter_rows, make_source, split_of
+    from cca_ray.evaluate.job import real_split
+
+    cfg = load_config("smoke", workdir=tmp_path)
+    train, _ = real_split(cfg, "train", limit=50)
+    holdout, _ = real_split(cfg, "holdout")
+    assert len(train) == 50
+    rows = [r for r in iter_rows(make_source(cfg.data)) if r.error is None]
+    splits = [split_of(r.source_id, cfg.data.seed, cfg.data.holdout_fraction) for r in rows]
+    want = np.stack([r.image for r, s in zip(rows, splits) if s == "train"][:50])
+    assert np.array_equal(train, want) and len(holdout) == splits.count("holdout")

@@ -141,7 +141,7 @@ def _train(images, labels, num_classes, epochs, batch_size, lr, seed, shift, pro
     # Cosine decay to 0: the last epochs settle the weights, so features do not hinge on the stop step.
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + np.cos(np.pi * min(s, steps) / steps)))
     net.train()
-    for _ in tqdm(range(epochs), desc="train mnist-cnn", unit="epoch", disable=not progress):
+    for _ in tqdm(range(epochs), desc="train mnist-cnn", unit="epoch", disable=None if progress else True):
         for idx in torch.randperm(len(images), generator=gen).split(batch_size):
             x = x_all[idx]
             if shift:  # up to 2 px at 28x28, so slightly off-centre generated digits are still read

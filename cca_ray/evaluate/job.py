@@ -33,13 +33,16 @@ class EvalSetup:
     condition_kind: str = "prompt"  # what the model family is conditioned on: prompts or class ids
 
 
-def real_split(cfg: Config, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """The real images (uint8 [N,H,W,C]) and labels of a split, re-read from the source with the
-    same deterministic split rule as `prepare` (shards hold codes, FID needs pixels)."""
+def real_split(cfg: Config, split: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The real images (uint8 [N,H,W,C]) and labels of a split (the first `limit` in source order),
+    re-read from the source with the same deterministic split rule as `prepare` (shards hold codes,
+    FID needs pixels)."""
     from cca_ray.data.sources import iter_rows, make_source, split_of
 
     imgs, labels = [], []
     for row in iter_rows(make_source(cfg.data)):
+        if limit is not None and len(imgs) >= limit:
+            break
         if row.error is None and split_of(row.source_id, cfg.data.seed, cfg.data.holdout_fraction) == split:
             imgs.append(row.image)
             labels.append(-1 if row.label is None else int(row.label))
@@ -78,12 +81,27 @@ def eval_setup(cfg: Config, progress: bool = True) -> EvalSetup:
     return EvalSetup(cfg, ext, ref, label_prompts(cfg), cfg.data_dir / "tokenizer", condition_kind(cfg.model.family))
 
 
+def proxy_setup(setup: EvalSetup) -> EvalSetup:
+    """The FID proxy's setup: the same extractor and conditions, but its reference is the first
+    eval.proxy_reference_size images of the train split, so ASHA never selects on the holdout images
+    the final table is scored against (the proxy also samples with eval.proxy_seed)."""
+    from dataclasses import replace
+
+    from cca_ray.evaluate.fidelity import prepare_reference
+    from cca_ray.evaluate.reference_stats import resize_images
+
+    cfg = setup.cfg
+    real = resize_images(real_split(cfg, "train", limit=cfg.eval.proxy_reference_size)[0], cfg.eval.image_size)
+    return replace(setup, reference=prepare_reference(real, setup.extractor, dataset=f"{cfg.data.source}-train-proxy"))
+
+
 def evaluate_model(
     setup: EvalSetup, model_path, *, guidance: float = 0.0, n: int | None = None, metrics=None, model=None,
-    cca_lambda: float | None = None, guidance_beta: float | None = None,
+    cca_lambda: float | None = None, guidance_beta: float | None = None, seed: int | None = None,
 ) -> tuple[dict, np.ndarray]:
     """Sample n class-balanced images from model_path (or an in-process `model`) and score them.
     cca_lambda / guidance_beta: the sampling-time knob of a λ-conditioned CCA / GFT model.
+    seed: image i uses seed + i (default eval.seed; the FID proxy passes eval.proxy_seed).
 
     Returns (metrics dict with fid, isc_mean, kid_mean, precision, recall, accuracy, n, ...; images).
     """
@@ -94,7 +112,7 @@ def evaluate_model(
     n = n or cfg.eval.num_samples
     conds, labels = balanced_conditions(setup.label_to_prompt, n, setup.condition_kind)
     kw = dict(guidance=guidance, temperature=cfg.sample.temperature, top_k=cfg.sample.top_k, top_p=cfg.sample.top_p,
-              seed=cfg.eval.seed, batch_size=cfg.sample.batch_size,
+              seed=cfg.eval.seed if seed is None else seed, batch_size=cfg.sample.batch_size,
               cca_lambda=cca_lambda, guidance_beta=guidance_beta, cfg_schedule=cfg.sample.cfg_schedule)
     if model is not None:
         from cca_ray.tokenizers import load_tokenizer

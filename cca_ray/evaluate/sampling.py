@@ -56,7 +56,7 @@ def sample_local(
     grid = tuple(tokenizer.grid)
     out = []
     steps = range(0, len(conds), batch_size)
-    for s in tqdm(steps, desc=f"sampling (guidance {guidance:g})", disable=not progress, leave=False):
+    for s in tqdm(steps, desc=f"sampling (guidance {guidance:g})", disable=None if progress else True, leave=False):
         chunk = list(conds[s : s + batch_size])
         cond = model.encode_conditions(chunk, grid)
         seeds = [seed + first_index + s + i for i in range(len(chunk))]
@@ -101,7 +101,7 @@ def sample_parallel(
         if b > a
     ]
     parts = []
-    with tqdm(total=len(refs), desc="sampling workers", leave=False) as bar:
+    with tqdm(total=len(refs), desc="sampling workers", leave=False, disable=None) as bar:  # None: off a terminal
         for r in refs:  # in order: the images line up with the conditions
             parts.append(ray.get(r))
             bar.update(1)

@@ -28,7 +28,7 @@ import yaml
 
 from cca_ray import tracking
 from cca_ray.config import Config, ConfigError, with_overrides
-from cca_ray.evaluate.job import cfg_curve, eval_setup, evaluate_model
+from cca_ray.evaluate.job import cfg_curve, eval_setup, evaluate_model, proxy_setup
 from cca_ray.evaluate.report import format_table, to_csv, trade_off_plot
 from cca_ray.models import loader_options
 from cca_ray import steps
@@ -132,7 +132,8 @@ def run_main_job(cfg: Config) -> dict:
               flush=True)
 
     print(f"[3/5 {clock(t0)}] ASHA sweep: {cfg.tune.num_trials} trials over {list(space['params'])}", flush=True)
-    grid, trials_dir = run_asha(cfg, setup, space, sweep_dir, parent, base_id)
+    # ASHA selects on the proxy: its own seeds and train-split reference, disjoint from the final table's
+    grid, trials_dir = run_asha(cfg, proxy_setup(setup), space, sweep_dir, parent, base_id)
     if was_interrupted():
         raise KeyboardInterrupt
 

@@ -64,7 +64,10 @@ def to_tune_space(params: dict) -> dict:
 
 # -- the FID proxy, computed on rank 0 inside the training loop ---------------------------
 class FidProxy:
-    """extra_report_fn for the trainer: guidance-free samples of the current policy -> fid_proxy."""
+    """extra_report_fn for the trainer: guidance-free samples of the current policy -> fid_proxy.
+
+    `setup` is the proxy's own (evaluate.job.proxy_setup: train-split reference) and the samples use
+    eval.proxy_seed, so the final table's seeds and real images are never the ones ASHA selected on."""
 
     def __init__(self, setup: EvalSetup):
         self.setup = setup
@@ -74,7 +77,7 @@ class FidProxy:
             return {}
         cfg = self.setup.cfg
         m, _ = evaluate_model(self.setup, None, guidance=0.0, n=cfg.eval.proxy_num_samples, metrics=("fid",),
-                              model=trainer.adapter)
+                              model=trainer.adapter, seed=cfg.eval.proxy_seed)
         return {"fid_proxy": m["fid"], **({"acc_proxy": m["accuracy"]} if "accuracy" in m else {})}
 
 

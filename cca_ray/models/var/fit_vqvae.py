@@ -78,7 +78,7 @@ def fit_tiny_vqvae(images: np.ndarray, path, *, vocab_size: int, patch_nums, dow
         opt = torch.optim.Adam(vq.parameters(), lr=lr)
         from tqdm.auto import tqdm
 
-        bar = tqdm(range(steps), desc="fitting tiny VQVAE", disable=not progress, leave=False)
+        bar = tqdm(range(steps), desc="fitting tiny VQVAE", disable=None if progress else True, leave=False)
         for step in bar:
             x = x_all[torch.randint(len(x_all), (min(batch_size, len(x_all)),), generator=g)]
             f_hat, q_loss = quantize_st(vq, vq.quant_conv(vq.encoder(x)))
