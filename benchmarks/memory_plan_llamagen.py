@@ -92,8 +92,9 @@ def report(cfg, *, nodes: int, gpus_per_node: int, gpu_gib: float, arch_fn=None)
     print(f"| {'headroom on a ' + str(int(gpu_gib)) + ' GiB GPU':48s} | {gpu_gib - total / GiB:7.2f} |")
 
 
-def table(presets: list[str], *, nodes: int, gpus_per_node: int, gpu_gib: float) -> None:
-    """Every LlamaGen preset in one table (the README's): the preset's own plan, and two alternatives."""
+def table(presets: list[str], *, nodes: int, gpus_per_node: int, gpu_gib: float, arch_of=None) -> None:
+    """Every preset in one table (the README's), smallest model first: the preset's own plan, and two
+    alternatives. arch_of(cfg) -> (arch, ...): arch_of_llamagen by default; VAR passes arch_of_var."""
     from cca_ray.config import load_config
 
     world = nodes * gpus_per_node
@@ -101,9 +102,10 @@ def table(presets: list[str], *, nodes: int, gpus_per_node: int, gpu_gib: float)
     print("| preset | params | ZeRO | micro-batch x accum | weights+grads+optim | reference | activations | logits "
           "| **total** | same at ZeRO-3 | same, gradient checkpointing flipped |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    cfgs = sorted((load_config(name) for name in presets), key=lambda c: (arch_of_llamagen(c)[0]["total"], c.preset))
+    arch_of = arch_of or arch_of_llamagen
+    cfgs = sorted((load_config(name) for name in presets), key=lambda c: (arch_of(c)[0]["total"], c.preset))
     for cfg in cfgs:
-        name, tc, arch = cfg.preset, cfg.train, arch_of_llamagen(cfg)[0]
+        name, tc, arch = cfg.preset, cfg.train, arch_of(cfg)[0]
         rows = llamagen_plan(arch, tc, cfg.model, world=world)
         state = sum(v for k, v in rows.items() if k.split(" (")[0] in ("weights", "gradients", "optimizer"))
         state += rows.get("ZeRO-3 gathered params", 0.0)

@@ -13,7 +13,7 @@ input is a 4096 x 32 codebook and four 3x3 convolutions: negligible. Estimates, 
 
 from __future__ import annotations
 
-from memory_plan_llamagen import GiB, llamagen_plan
+from memory_plan_llamagen import table as llamagen_table
 
 
 def var_params(depth: int, num_classes: int = 1000, codebook_size: int = 4096) -> dict:
@@ -36,28 +36,8 @@ def arch_of_var(cfg) -> tuple[dict, str]:
 
 
 def table(presets: list[str], *, nodes: int, gpus_per_node: int, gpu_gib: float) -> None:
-    """Every VAR preset in one table (the README's)."""
-    from cca_ray.config import load_config
-
-    world = nodes * gpus_per_node
-    print(f"per-GPU GiB on {nodes} node(s) x {gpus_per_node} GPUs ({int(gpu_gib)} GiB each)\n")
-    print("| preset | params | ZeRO | micro-batch x accum | weights+grads+optim | reference | activations | logits "
-          "| **total** | same at ZeRO-3 | same, gradient checkpointing flipped |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for cfg in sorted((load_config(n) for n in presets), key=lambda c: c.model.var.depth or 0):
-        tc, arch = cfg.train, arch_of_var(cfg)[0]
-        rows = llamagen_plan(arch, tc, cfg.model, world=world)
-        state = sum(v for k, v in rows.items() if k.split(" (")[0] in ("weights", "gradients", "optimizer"))
-        state += rows.get("ZeRO-3 gathered params", 0.0)
-        act = sum(v for k, v in rows.items() if k.startswith("activations"))
-        z3 = sum(llamagen_plan(arch, tc.model_copy(update={"zero_stage": 3}), cfg.model, world=world).values())
-        flip = cfg.model.model_copy(update={"gradient_checkpointing": not cfg.model.gradient_checkpointing})
-        other = sum(llamagen_plan(arch, tc, flip, world=world).values())
-        total = sum(rows.values())
-        print(f"| {cfg.preset} | {arch['total'] / 1e6:.0f}M | {tc.zero_stage} | {tc.micro_batch_size} x {tc.grad_accum} "
-              f"| {state / GiB:.1f} | {rows['reference model'] / GiB:.1f} | {act / GiB:.1f} "
-              f"| {rows['logits (a + fp32 + log-softmax, + grads)'] / GiB:.1f} | **{total / GiB:.1f}** "
-              f"| {z3 / GiB:.1f} | {other / GiB:.1f} ({'on' if flip.gradient_checkpointing else 'off'}) |")
+    """Every VAR preset in one table (the README's): memory_plan_llamagen's table over VAR's arch."""
+    llamagen_table(presets, nodes=nodes, gpus_per_node=gpus_per_node, gpu_gib=gpu_gib, arch_of=arch_of_var)
 
 
 __all__ = ["arch_of_var", "table", "var_params"]

@@ -48,6 +48,32 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
+def interleaved_medians(paths: dict, repeats: int, device) -> dict[str, float]:
+    """Median seconds per call of each path; the paths take turns, so a busy machine slows every path alike."""
+    times: dict[str, list[float]] = {k: [] for k in paths}
+    for _ in range(repeats):
+        for name, fn in paths.items():
+            _sync(device)
+            t = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def print_vs_official(sec: dict[str, float], batch: int, repeats: int, title: str = "") -> None:
+    """images/s of the four paths (ours guidance-free, ours CFG, official guidance-free, official CFG, in
+    that order) and their ratios. Shared with benchmarks/sampling_var.py."""
+    print(f"\n{title + chr(10) if title else ''}{'path':40s} {'s/batch':>9s} {'images/s':>9s}   (median of {repeats})")
+    for name, s in sec.items():
+        print(f"{name:40s} {s:9.3f} {batch / s:9.2f}")
+    n = list(sec)
+    print(f"  guidance-free / CFG (ours):         {sec[n[1]] / sec[n[0]]:.2f}x images/s")
+    print(f"  ours / official, guidance-free:     {sec[n[2]] / sec[n[0]]:.2f}x images/s")
+    print(f"  ours / official, CFG:               {sec[n[3]] / sec[n[1]]:.2f}x images/s")
+    print(f"  ours guidance-free / official CFG:  {sec[n[3]] / sec[n[0]]:.2f}x images/s")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--official-llamagen", type=Path, help="local clone of FoundationVision/LlamaGen")
@@ -106,23 +132,8 @@ def main(argv=None) -> int:
         f"official generate(), cfg_scale {args.cfg_scale:g}": lambda: official_generate(
             official, labels.to(device), n, cfg_scale=args.cfg_scale, temperature=1.0, top_k=0, top_p=1.0),
     }
-    times: dict[str, list[float]] = {k: [] for k in paths}
-    for _ in range(args.repeats):  # interleaved: a busy machine slows every path alike
-        for name, fn in paths.items():
-            _sync(device)
-            t = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append(time.perf_counter() - t)
-    sec = {k: statistics.median(v) for k, v in times.items()}
-    print(f"\n{'path':40s} {'s/batch':>9s} {'images/s':>9s}   (median of {args.repeats})")
-    for name, s in sec.items():
-        print(f"{name:40s} {s:9.3f} {args.batch / s:9.2f}")
-    names = list(sec)
-    print(f"\nguidance-free / CFG (ours):                 {sec[names[1]] / sec[names[0]]:.2f}x images/s")
-    print(f"ours / official, guidance-free:             {sec[names[2]] / sec[names[0]]:.2f}x images/s")
-    print(f"ours / official, CFG:                       {sec[names[3]] / sec[names[1]]:.2f}x images/s")
-    print(f"ours guidance-free / official CFG:          {sec[names[3]] / sec[names[0]]:.2f}x images/s")
+    sec = interleaved_medians(paths, args.repeats, device)
+    print_vs_official(sec, args.batch, args.repeats)
     return 0
 
 

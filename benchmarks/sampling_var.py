@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from sampling_llamagen import interleaved_medians, print_vs_official
 
 _PATCHED = (nn.Linear, nn.LayerNorm, nn.BatchNorm2d, nn.SyncBatchNorm, nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d,
             nn.ConvTranspose2d)
@@ -70,11 +70,6 @@ def _build_official(build_vae_var, depth: int, device: str, seed: int):
                     std = 1.0 if any(k in name for k in ("class_emb", "lvl_embed", "pos_", "embedding")) else fan_in**-0.5
                     p.copy_(torch.randn(p.shape, generator=g) * std)
     return vae.eval(), var.eval()
-
-
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
 
 
 def main(argv=None) -> int:
@@ -143,24 +138,8 @@ def main(argv=None) -> int:
             "official, cfg 0 (2B rows)": lambda: official_run(0.0, images),
             f"official, cfg {args.cfg:g}": lambda: official_run(args.cfg, images),
         }
-        times: dict[str, list[float]] = {k: [] for k in paths}
-        for _ in range(args.repeats):  # interleaved: a busy machine slows every path alike
-            for name, fn in paths.items():
-                _sync(device)
-                t = time.perf_counter()
-                fn()
-                _sync(device)
-                times[name].append(time.perf_counter() - t)
-        sec = {k: statistics.median(v) for k, v in times.items()}
         what = "images (VQVAE decoder included)" if images else "codes only (no VQVAE decode on either side)"
-        print(f"\n{what}\n{'path':40s} {'s/batch':>9s} {'images/s':>9s}   (median of {args.repeats})")
-        for name, sv in sec.items():
-            print(f"{name:40s} {sv:9.3f} {args.batch / sv:9.2f}")
-        n = list(sec)
-        print(f"  guidance-free / CFG (ours):         {sec[n[1]] / sec[n[0]]:.2f}x images/s")
-        print(f"  ours / official, guidance-free:     {sec[n[2]] / sec[n[0]]:.2f}x images/s")
-        print(f"  ours / official, CFG:               {sec[n[3]] / sec[n[1]]:.2f}x images/s")
-        print(f"  ours guidance-free / official CFG:  {sec[n[3]] / sec[n[0]]:.2f}x images/s")
+        print_vs_official(interleaved_medians(paths, args.repeats, device), args.batch, args.repeats, title=what)
     return 0
 
 
