@@ -111,22 +111,46 @@ def sampling_logprobs(
 ) -> torch.Tensor:
     """Visual-slice logits of the forward's rows [rows, (n,) K] -> the sampling distribution
     (log-probs) [B, (n,) K]. Rows [0, n_cond) are conditional; rows [n_cond, 2 n_cond)
-    unconditional when guidance is on."""
-    lp_c = F.log_softmax(logits[:n_cond].float(), dim=-1)
+    unconditional when guidance is on. Plain sampling (no guidance, temperature 1, no filter) is one
+    log-softmax: at small batches a step's sampling ops cost as much as a small model's forward."""
+    lp = F.log_softmax(logits[:n_cond].float(), dim=-1)
+    plain = guidance_scale == 0.0 and temperature == 1.0 and top_k is None and (top_p is None or top_p >= 1.0)
+    if plain:
+        return lp
     if guidance_scale != 0.0:
         lp_u = F.log_softmax(logits[n_cond : 2 * n_cond].float(), dim=-1)
-        lp_c = lp_c + guidance_scale * (lp_c - lp_u)
+        lp = torch.add(lp, lp - lp_u, alpha=guidance_scale)
     if temperature != 1.0:
-        lp_c = lp_c / temperature
-    lp_c = filter_logprobs(lp_c, top_k, top_p)
-    return F.log_softmax(lp_c, dim=-1)
+        lp = lp / temperature
+    return F.log_softmax(filter_logprobs(lp, top_k, top_p), dim=-1)
+
+
+CDF_BLOCK = 64  # inverse_cdf's block width: one float64 cumsum over K / 64 block sums and one over 64 entries
 
 
 def inverse_cdf(logp: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Draw one index per row of exp(logp) [..., K] with uniforms u [...] in (0, 1]."""
-    cdf = logp.double().exp().cumsum(-1)
-    idx = torch.searchsorted(cdf, (u * cdf[..., -1]).unsqueeze(-1)).squeeze(-1)
-    return idx.clamp_(max=logp.shape[-1] - 1)
+    """Draw one index per row of exp(logp) [..., K] with uniforms u [...] in (0, 1].
+
+    The index is the first k whose cumulative probability reaches u * total, found in two levels:
+    the block (of CDF_BLOCK entries) from a float64 cumsum of block sums, then the entry from a float64
+    cumsum inside that block. Same draws as one float64 cumsum over K, which is sequential and made the
+    sampler's step 2-10x slower than this (K = 4,096 to 32,768)."""
+    shape, k = u.shape, logp.shape[-1]
+    p = logp.reshape(-1, k).exp()
+    pad = -k % CDF_BLOCK
+    if pad:
+        p = F.pad(p, (0, pad))  # zero mass: never drawn
+    rows = p.shape[0]
+    p = p.view(rows, -1, CDF_BLOCK)
+    block_cdf = p.sum(-1, dtype=torch.float64).cumsum(-1)  # [rows, blocks]
+    target = (u.reshape(rows, 1).double() * block_cdf[:, -1:])
+    blk = torch.searchsorted(block_cdf, target).clamp_(max=block_cdf.shape[1] - 1)  # [rows, 1]
+    before = torch.where(blk > 0, block_cdf.gather(1, (blk - 1).clamp(min=0)), 0.0)
+    inner = p.gather(1, blk.unsqueeze(-1).expand(rows, 1, CDF_BLOCK)).squeeze(1).cumsum(-1, dtype=torch.float64)
+    # rounding can put the target past the block's own total: then its last entry with mass, never a masked one
+    inner_target = torch.minimum(target - before, inner[:, -1:])
+    idx = blk * CDF_BLOCK + torch.searchsorted(inner, inner_target).clamp_(max=CDF_BLOCK - 1)
+    return idx.view(shape).clamp_(max=k - 1)
 
 
 @torch.no_grad()

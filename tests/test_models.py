@@ -248,3 +248,27 @@ def test_save_and_reload_roundtrip(model, tmp_path):
     with torch.no_grad():
         assert torch.allclose(model.sequence_logprob(cond, codes), again.sequence_logprob(cond, codes), atol=1e-5)
     assert again.max_prompt_tokens == 12
+
+
+def test_inverse_cdf_draws_what_one_float64_cumsum_over_the_codebook_draws():
+    """The two-level search (block sums, then inside one block) picks the index a plain float64 CDF picks,
+    for codebooks that are and are not a multiple of the block, blocks of draws (VAR) and masked tokens,
+    and never a masked token, even at u = 1."""
+    import torch.nn.functional as F
+
+    from cca_ray.sample import inverse_cdf
+
+    def plain(logp, u):
+        cdf = logp.double().exp().cumsum(-1)
+        return torch.searchsorted(cdf, (u * cdf[..., -1]).unsqueeze(-1)).squeeze(-1).clamp_(max=logp.shape[-1] - 1)
+
+    g = torch.Generator().manual_seed(0)
+    for shape, k in (((16,), 4096), ((3, 5), 100), ((7,), 10), ((4,), 32768)):
+        logits = 3 * torch.randn(*shape, k, generator=g)
+        logits[..., ::3] = float("-inf")  # top-k style masking
+        logp = F.log_softmax(logits, -1)
+        for u in [1 - torch.rand(shape, generator=g, dtype=torch.float64) for _ in range(20)] + [
+                torch.ones(shape, dtype=torch.float64)]:
+            got = inverse_cdf(logp, u)
+            assert torch.equal(got, plain(logp, u))
+            assert torch.isfinite(logp.gather(-1, got.unsqueeze(-1))).all()
