@@ -23,6 +23,17 @@ def test_spaces_of_shipped_presets_load():
         assert "train.lam" in space["params"] and space["metric"] == "fid_proxy"
 
 
+def test_demo_searches_a_wide_space_with_enough_trials():
+    """The demo's sweep is the one a user would start from, not a box around an earlier optimum."""
+    cfg = load_config("demo")
+    params = load_space(cfg)["params"]
+    lam, beta = params["train.lam"], params["train.beta"]
+    assert lam["type"] == beta["type"] == "loguniform"
+    assert lam["high"] / lam["low"] >= 100 and beta["high"] / beta["low"] >= 10
+    assert cfg.tune.num_trials >= 8
+    assert set(cfg.tune.extra_methods) == {"lam_conditioned", "gft"}  # the demo draws their curves
+
+
 def test_space_naming_unknown_field_is_refused(tmp_path):
     bad = tmp_path / "space.yaml"
     bad.write_text("params:\n  train.lamda: {type: loguniform, low: 0.1, high: 1}\n")
@@ -234,3 +245,14 @@ def test_no_trial_finished_names_the_first_trials_error(tmp_path):
     msg = no_trial_message(grid, tmp_path / "sweeps" / "smoke")
     assert str(tmp_path / "t1" / "error.txt") in msg and "no model checkpoint at /w/models/base" in msg
     assert "second" not in msg and "rerun the same command" in msg and "3 started, 2 failed" in msg
+
+
+def test_best_trial_is_selected_on_the_proxy_not_on_the_final_table():
+    from cca_ray.tune.job import select_best
+
+    points = [{"method": "cca trial-a", "fid": 0.70, "selection_metric": 0.95},
+              {"method": "cca trial-b", "fid": 0.85, "selection_metric": 0.87},
+              {"method": "cca trial-c", "fid": 0.60, "selection_metric": None}]
+    best = select_best(points, "min")
+    assert best["method"] == "cca trial-b (selected)" and points[0]["method"] == "cca trial-a"
+    assert select_best([dict(p) for p in points[:2]], "max")["method"].startswith("cca trial-a")

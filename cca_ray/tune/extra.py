@@ -7,6 +7,7 @@ eval.beta_values), which draws a curve on the trade-off plot beside the base mod
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from cca_ray.config import Config, with_overrides
@@ -26,17 +27,29 @@ def run_extra_methods(cfg: Config, setup, best: dict, sweep_dir: Path, parent: s
     from cca_ray.data.fingerprint import checkpoint_id
     from cca_ray.train.driver import run_training
 
-    curves = {}
+    todo = []  # (method, label, its config, its step key, its name)
     for method in cfg.tune.extra_methods:
         label, over = EXTRA_METHODS[method]
-        print(f"[extra] {label}: one model trained, its knob chosen at sampling time (n={n})", flush=True)
         mcfg = with_overrides(cfg, {**over, **({"train.beta": best["beta"]} if method == "lam_conditioned" else {})})
         tkey = steps.step_key(mcfg, ("train", "model", "data", "tokenizer"), base=base_id)
-        name = f"extra-{method}-{tkey[:8]}"
+        todo.append((method, label, mcfg, tkey, f"extra-{method}-{tkey[:8]}"))
+
+    def train(job) -> str:
+        method, label, mcfg, tkey, name = job
         export = steps.cached(sweep_dir / "extra" / name / "export", tkey)
         if export is None:
+            print(f"[extra] {label}: training one model whose knob is chosen at sampling time", flush=True)
             res = run_training(mcfg, "train", run_name=name, storage_path=sweep_dir / "extra", parent_run_id=parent)
             export = steps.store(sweep_dir / "extra" / name / "export", tkey, str(res.export_dir))
+        return export
+
+    # the models train side by side, as many at a time as the sweep's trials (tune.max_concurrent_trials)
+    with ThreadPoolExecutor(max_workers=max(1, min(len(todo), cfg.tune.max_concurrent_trials))) as pool:
+        exports = list(pool.map(train, todo))
+
+    curves = {}
+    for (method, label, _, _, name), export in zip(todo, exports):
+        print(f"[extra] {label}: scored at each knob value (n={n})", flush=True)
         ekey = steps.step_key(cfg, ("eval", "sample"), export=checkpoint_id(export))
         rows = steps.cached(sweep_dir / "extra" / name / "curve", ekey)
         if rows is None:
