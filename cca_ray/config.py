@@ -196,6 +196,9 @@ class TrainConfig(_Section):
         None, gt=0, description="testing hook: the last rank raises once when it reaches this optimizer step "
         "(a marker file in the run dir makes it once), to exercise resume")
     seed: int = Field(0, description="data order (per-epoch permutation) and condition-dropout draws")
+    data_loading: Literal["stream", "memory"] = Field(
+        "stream", description="stream: each rank reads from the shards only the rows of its next two steps "
+        "(cca_ray/train/stream.py); memory: each rank loads the whole dataset. Same batches either way")
 
     @model_validator(mode="after")
     def _lam_sampling(self) -> "TrainConfig":
