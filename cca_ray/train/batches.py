@@ -133,7 +133,8 @@ def train_columns(pairs: bool, reference: bool, condition_kind: str = "prompt") 
     return cols
 
 
-def missing_columns_error(dataset_dir, manifest: dict, names, cols: list[str], reference: bool) -> TrainDataError | None:
+def missing_columns_error(dataset_dir, manifest: dict, names, cols: list[str],
+                          reference: bool) -> TrainDataError | None:
     """The error for a dataset whose columns `names` lack some of `cols`, or None."""
     missing = [c for c in cols if c not in names]
     if not missing:

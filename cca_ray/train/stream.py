@@ -131,8 +131,8 @@ class StreamedRows:
 
     def _any_true(self, name: str) -> bool:
         """Whether boolean column `name` is true on any row, from statistics where written."""
-        return any(bool(s.max) if s is not None and s.has_min_max else bool(pc.any(self._read_column(g, name)).as_py())
-                   for g, s in self._column_stats(name))
+        return any(bool(s.max) if s is not None and s.has_min_max
+                   else bool(pc.any(self._read_column(g, name)).as_py()) for g, s in self._column_stats(name))
 
     def __len__(self) -> int:
         return self.num_rows
