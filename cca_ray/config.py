@@ -44,6 +44,9 @@ class DataConfig(_Section):
     holdout_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     max_images: int | None = Field(None, gt=0, description="cap on images read (None: all)")
     shard_rows: int = Field(2048, gt=0)
+    row_group_rows: int = Field(64, gt=0, description="rows per parquet row group: a streamed trainer rank "
+                                "(train.data_loading=stream) reads whole row groups, about this many rows for each "
+                                "row it trains on")
     null_prob: float = Field(0.1, ge=0.0, le=1.0, description="CCA+CFG null-condition probability")
     on_bad_row: Literal["error", "skip"] = "error"
     tokenizer_workers: int = Field(1, gt=0, description="actors in the Ray Data tokenizer pool")
