@@ -44,6 +44,9 @@ class DataConfig(_Section):
     holdout_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     max_images: int | None = Field(None, gt=0, description="cap on images read (None: all)")
     shard_rows: int = Field(2048, gt=0)
+    row_group_rows: int = Field(64, gt=0, description="rows per parquet row group: a streamed trainer rank "
+                                "(train.data_loading=stream) reads whole row groups, about this many rows for each "
+                                "row it trains on")
     null_prob: float = Field(0.1, ge=0.0, le=1.0, description="CCA+CFG null-condition probability")
     on_bad_row: Literal["error", "skip"] = "error"
     tokenizer_workers: int = Field(1, gt=0, description="actors in the Ray Data tokenizer pool")
@@ -196,6 +199,9 @@ class TrainConfig(_Section):
         None, gt=0, description="testing hook: the last rank raises once when it reaches this optimizer step "
         "(a marker file in the run dir makes it once), to exercise resume")
     seed: int = Field(0, description="data order (per-epoch permutation) and condition-dropout draws")
+    data_loading: Literal["stream", "memory"] = Field(
+        "stream", description="stream: each rank reads from the shards only the rows of its next two steps "
+        "(cca_ray/train/stream.py); memory: each rank loads the whole dataset. Same batches either way")
 
     @model_validator(mode="after")
     def _lam_sampling(self) -> "TrainConfig":

@@ -70,12 +70,16 @@ def test_pairs_do_not_depend_on_ray_block_size(smoke, tmp_path):
     shutil.copytree(smoke.data_dir / "train", tmp_path / "train")
     ds = read_dataset(tmp_path / "train", as_ray=True).repartition(7).map_batches(lambda t: t, batch_size=5,
                                                                                   batch_format="pyarrow")
-    write_pairs(tmp_path, smoke.data.seed, smoke.data.null_prob, shard_rows=50, train_ds=ds)
+    write_pairs(tmp_path, smoke.data.seed, smoke.data.null_prob, shard_rows=50, train_ds=ds, row_group_rows=16)
     cols = ["source_id", "neg_label", "neg_prompt", "pos_null", "neg_null"]
     a = read_dataset(smoke.data_dir / "pairs", columns=cols).sort_by("source_id")
     b = read_dataset(tmp_path / "pairs", columns=cols).sort_by("source_id")
     assert a.equals(b)
-    assert read_manifest(tmp_path / "pairs")["counts"]["files"] > 1  # shard_rows respected
+    # shards of exactly shard_rows rows but the last, in row groups of row_group_rows (what streaming reads)
+    files = [pq.ParquetFile(tmp_path / "pairs" / f).metadata for f in read_manifest(tmp_path / "pairs")["files"]]
+    assert len(files) > 1 and {m.num_rows for m in files[:-1]} == {50} and 0 < files[-1].num_rows <= 50
+    assert all(m.row_group(i).num_rows <= 16 for m in files for i in range(m.num_row_groups))
+    assert files[0].num_row_groups == 4
 
 
 def _png(v):

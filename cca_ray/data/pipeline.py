@@ -194,11 +194,17 @@ def _select_split(t: pa.Table, split: str) -> pa.Table:
     return t.filter(keep).select(BASE_SCHEMA.names)
 
 
-def write_ray_dataset(ds, target: Path, manifest_fn, shard_rows: int) -> dict:
+def write_ray_dataset(ds, target: Path, manifest_fn, shard_rows: int, row_group_rows: int | None = None) -> dict:
     """Write a Ray Dataset as parquet into a temp dir beside `target`, add the manifest
-    (manifest_fn(files) -> dict), then rename into place. Returns the manifest."""
+    (manifest_fn(files) -> dict), then rename into place. Returns the manifest.
+
+    Shards of exactly shard_rows rows (the last one fewer), in row groups of row_group_rows (None: one per
+    shard). The blocks are cut to shard_rows first because write_parquet's min_rows_per_file also raises
+    its row-group size to at least that many rows (ray.data's choose_row_group_limits)."""
+    blocks = ds.repartition(target_num_rows_per_block=shard_rows, strict=True)
     with atomic_dir(target) as tmp:
-        run_ray(ds.write_parquet, str(tmp), min_rows_per_file=shard_rows, max_rows_per_file=shard_rows)
+        run_ray(blocks.write_parquet, str(tmp), max_rows_per_file=shard_rows,
+                row_group_size=min(row_group_rows or shard_rows, shard_rows))
         files = shard_files(tmp)
         manifest = manifest_fn(files)
         write_manifest(tmp, manifest)
@@ -222,7 +228,8 @@ def write_splits(codes_ds, data_dir: Path, identity: dict, data_cfg, extra: dict
             m["_all_skipped"] = skipped
             return m
 
-        out[name] = write_ray_dataset(split_dataset(codes_ds, name), data_dir / name, manifest_fn, data_cfg.shard_rows)
+        out[name] = write_ray_dataset(split_dataset(codes_ds, name), data_dir / name, manifest_fn, data_cfg.shard_rows,
+                                      data_cfg.row_group_rows)
         log.info("%s: %d rows, %d skipped", name, rows, len(skipped))
     return out
 
@@ -244,7 +251,7 @@ def _attach_negatives(t: pa.Table, lookup: pa.Table) -> pa.Table:
 
 
 def write_pairs(data_dir: Path, seed: int, null_prob: float, shard_rows: int, epoch: int = 0,
-                train_ds=None) -> dict:
+                train_ds=None, row_group_rows: int | None = None) -> dict:
     """pairs/: train rows + neg_label, neg_prompt, pos_null, neg_null (pairing.pair_table).
 
     The pairing is global (drawn over all train rows in source_id order) and joined onto
@@ -274,4 +281,4 @@ def write_pairs(data_dir: Path, seed: int, null_prob: float, shard_rows: int, ep
         m["skipped"], m["counts"]["skipped"] = tm["skipped"], tm["skipped"]["count"]  # pairs = train rows
         return m
 
-    return write_ray_dataset(ds, data_dir / "pairs", manifest_fn, shard_rows)
+    return write_ray_dataset(ds, data_dir / "pairs", manifest_fn, shard_rows, row_group_rows)

@@ -88,7 +88,7 @@ def prepare(cfg: Config, force: bool = False) -> dict[str, dict]:
     extra = {"config": data_fingerprint(cfg), "source": {"kind": d.source, "path": d.path}}
     manifests = write_splits(codes_ds, data_dir, identity, d, extra)
     manifests["pairs"] = write_pairs(data_dir, d.seed, d.null_prob, d.shard_rows,
-                                     train_ds=split_dataset(codes_ds, "train"))
+                                     train_ds=split_dataset(codes_ds, "train"), row_group_rows=d.row_group_rows)
     return manifests
 
 

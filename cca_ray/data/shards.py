@@ -79,12 +79,14 @@ def read_manifest(directory: str | Path) -> dict:
     return m
 
 
-def write_table_shards(table: pa.Table, directory: str | Path, shard_rows: int, prefix: str = "part") -> list[str]:
-    """Write an Arrow table as part-00000.parquet, ... of at most shard_rows rows. -> file names."""
+def write_table_shards(table: pa.Table, directory: str | Path, shard_rows: int, prefix: str = "part",
+                       row_group_rows: int | None = None) -> list[str]:
+    """Write an Arrow table as part-00000.parquet, ... of at most shard_rows rows, in row groups of at most
+    row_group_rows rows (None: one per shard); a streamed read reads whole row groups. -> file names."""
     names = []
     for i, start in enumerate(range(0, max(len(table), 1), shard_rows)):
         name = f"{prefix}-{i:05d}.parquet"
-        pq.write_table(table.slice(start, shard_rows), Path(directory) / name)
+        pq.write_table(table.slice(start, shard_rows), Path(directory) / name, row_group_size=row_group_rows)
         names.append(name)
     return names
 

@@ -2,9 +2,10 @@
 
 Exact resume ("no step done twice or skipped") needs the data order to be a pure function of
 the step number, so the trainer does not stream through a Ray Data iterator (whose split
-between workers depends on timing). Instead every rank holds the dataset's columns it needs
-(codes are int32: the demo's 5k x 49 codes are 1 MB; Emu3 at 8,100 codes/image is 32 KB a row)
-and :class:`BatchPlan` maps (step, rank, micro-step) to row indices:
+between workers depends on timing). :class:`BatchPlan` maps (step, rank, micro-step) to row
+indices, and a feed hands a rank the rows of each step: `MemoryFeed` (train.data_loading=memory)
+indexes all rows held in memory (`read_rows`; codes are int32, Emu3 at 8,100 codes/image is
+32 KB a row), `stream.StepFeed` (stream) reads only the rows of this rank's next steps:
 
     epoch, s = divmod(step, steps_per_epoch)
     perm     = permutation(num_rows) seeded by (seed, epoch)
@@ -73,6 +74,29 @@ class TrainRows:
         """Image tokens per row: what log p sums over."""
         return int(np.prod(self.codes.shape[1:]))
 
+    def has(self, column: str) -> bool:
+        """Whether these rows carry `column` (the reference log-probs are optional)."""
+        return getattr(self, column) is not None
+
+    @property
+    def any_null_flag(self) -> bool:
+        """Whether any row's pos_null/neg_null flag replaces a condition by null (cca_cfg)."""
+        return self.pos_null is not None and bool((self.pos_null | self.neg_null).any())
+
+    def take(self, rows: np.ndarray) -> TrainRows:
+        """The rows `rows` (indices into these), in that order."""
+        def pick(v):
+            if v is None:
+                return None
+            return [v[i] for i in rows] if isinstance(v, list) else v[rows]
+
+        return TrainRows(**{name: pick(getattr(self, name)) for name in _ROW_FIELDS},
+                         source=self.source, manifest=self.manifest)
+
+
+_ROW_FIELDS = ("codes", "cond", "neg_cond", "pos_null", "neg_null", "ref_logp_pos", "ref_logp_neg", "ref_logp_null",
+               "row_seeds")
+
 
 def dataset_for(objective: str, reference: str) -> str:
     """Which dataset dir under data_dir an objective reads."""
@@ -99,37 +123,67 @@ def row_seeds(source_ids) -> np.ndarray:
                      for s in source_ids], dtype=np.int64)
 
 
-def read_rows(dataset_dir: str | Path, *, pairs: bool, reference: bool, condition_kind: str = "prompt") -> TrainRows:
-    """Read a dataset dir's shards into TrainRows.
-
-    `cca_ray.data.read_dataset` does the reading and the checks that name file and row (manifest,
-    shards, columns of the dataset's schema, every row's codes against the tokenizer, row count);
-    this adds what training needs on top: the columns of `pairs`/`reference`, a condition of the
-    model's kind on every row (condition_kind "prompt": the prompt column, "label": the label
-    column), finite reference log-probs (TrainDataError naming the row and source_id).
-    """
-    dataset_dir = Path(dataset_dir)
-    manifest = read_manifest(dataset_dir)
+def train_columns(pairs: bool, reference: bool, condition_kind: str = "prompt") -> list[str]:
+    """The dataset columns training reads: codes, the condition of the model's kind (condition_kind "prompt":
+    the prompt column, "label": the label column), source_id, and those of `pairs`/`reference`."""
     column = {"prompt": "prompt", "label": "label"}[condition_kind]
     cols = ["codes", column, "source_id"]
     cols += [f"neg_{column}", "pos_null", "neg_null"] if pairs else []
     cols += ["ref_logp_pos", "ref_logp_neg", "ref_logp_null"] if reference else []
+    return cols
+
+
+def missing_columns_error(dataset_dir, manifest: dict, names, cols: list[str],
+                          reference: bool) -> TrainDataError | None:
+    """The error for a dataset whose columns `names` lack some of `cols`, or None."""
+    missing = [c for c in cols if c not in names]
+    if not missing:
+        return None
+    return TrainDataError(f"{dataset_dir}: missing column(s) {', '.join(missing)} (a {manifest.get('dataset')} "
+                          f"dataset; {'pairs_ref' if reference else 'pairs'} has them)")
+
+
+def read_rows(dataset_dir: str | Path, *, pairs: bool, reference: bool, condition_kind: str = "prompt") -> TrainRows:
+    """Read a dataset dir's shards into TrainRows (train.data_loading=memory; `stream.StreamedRows` streams them).
+
+    `cca_ray.data.read_dataset` does the reading and the checks that name file and row (manifest,
+    shards, columns of the dataset's schema, every row's codes against the tokenizer, row count);
+    `rows_from_table` adds what training needs on top.
+    """
+    dataset_dir = Path(dataset_dir)
+    manifest = read_manifest(dataset_dir)
+    cols = train_columns(pairs, reference, condition_kind)
     t = read_dataset(dataset_dir)
-    missing = [c for c in cols if c not in t.column_names]
-    if missing:
-        raise TrainDataError(f"{dataset_dir}: missing column(s) {', '.join(missing)} (a {manifest.get('dataset')} "
-                             f"dataset; {'pairs_ref' if reference else 'pairs'} has them)")
-    t = t.select(cols)
+    err = missing_columns_error(dataset_dir, manifest, t.column_names, cols, reference)
+    if err:
+        raise err
     if len(t) == 0:
         raise TrainDataError(f"{dataset_dir}: no rows")
+    # a column the reference pass left all null (ref_logp_null when no objective read it) is absent
+    null_ref = reference and t.column("ref_logp_null").null_count < len(t)
+    return rows_from_table(t.select(cols), manifest, str(dataset_dir), pairs=pairs, reference=reference,
+                           condition_kind=condition_kind, null_reference=null_ref)
+
+
+def rows_from_table(t, manifest: dict, source: str, *, pairs: bool, reference: bool, condition_kind: str,
+                    null_reference: bool, row_numbers: np.ndarray | None = None) -> TrainRows:
+    """An Arrow table of `train_columns` -> TrainRows, with the checks training needs: a condition of the
+    model's kind on every row, finite reference log-probs (TrainDataError naming the row and source_id).
+
+    null_reference: whether the dataset has a scored ref_logp_null column (a dataset-wide fact, so the
+    streamed path, which sees a few row groups at a time, decides it as the in-memory one does);
+    row_numbers: each table row's row number in the dataset, for messages (default 0..len-1).
+    """
+    column = {"prompt": "prompt", "label": "label"}[condition_kind]
     sids = t.column("source_id").to_pylist()
+    number = (lambda i: int(row_numbers[i])) if row_numbers is not None else (lambda i: i)
 
     def conditions(name: str) -> list:
         vals = t.column(name).to_pylist()
         for i, v in enumerate(vals):
             if v is None:
                 what = "text prompts" if condition_kind == "prompt" else "class labels"
-                raise TrainDataError(f"{dataset_dir}: row {i} ({sids[i]}) has no {name}; this model family is "
+                raise TrainDataError(f"{source}: row {number(i)} ({sids[i]}) has no {name}; this model family is "
                                      f"conditioned on {what}")
         return vals
 
@@ -137,12 +191,8 @@ def read_rows(dataset_dir: str | Path, *, pairs: bool, reference: bool, conditio
         arr = t.column(name).to_numpy(zero_copy_only=False).astype(np.float32)
         if not np.isfinite(arr).all():
             i = int(np.flatnonzero(~np.isfinite(arr))[0])
-            raise TrainDataError(f"{dataset_dir}: row {i} ({sids[i]}) has a non-finite {name} ({arr[i]})")
+            raise TrainDataError(f"{source}: row {number(i)} ({sids[i]}) has a non-finite {name} ({arr[i]})")
         return arr
-
-    def optional_floats(name: str) -> np.ndarray | None:
-        # a column the reference pass left all null (ref_logp_null when no objective read it)
-        return None if t.column(name).null_count == len(t) else floats(name)
 
     def flags(name: str) -> np.ndarray:
         return t.column(name).to_numpy(zero_copy_only=False).astype(bool)
@@ -156,8 +206,8 @@ def read_rows(dataset_dir: str | Path, *, pairs: bool, reference: bool, conditio
         neg_null=flags("neg_null") if pairs else None,
         ref_logp_pos=floats("ref_logp_pos") if reference else None,
         ref_logp_neg=floats("ref_logp_neg") if reference else None,
-        ref_logp_null=optional_floats("ref_logp_null") if reference else None,
-        source=str(dataset_dir),
+        ref_logp_null=floats("ref_logp_null") if reference and null_reference else None,
+        source=source,
         manifest=manifest,
         row_seeds=row_seeds(sids),
     )
@@ -200,12 +250,35 @@ class BatchPlan:
         start = s * self.global_batch + (micro * self.world_size + rank) * self.micro_batch_size
         return perm[start : start + self.micro_batch_size]
 
+    def rank_rows(self, step: int, rank: int, perm: np.ndarray | None = None) -> np.ndarray:
+        """All of one rank's rows of step `step`, micro-step after micro-step (grad_accum x micro_batch_size)."""
+        perm = self.permutation(self.epoch_of(step)) if perm is None else perm
+        return np.concatenate([self.rows(step, rank, micro, perm) for micro in range(self.grad_accum)])
+
     def step_fingerprint(self, step: int, perm: np.ndarray | None = None) -> int:
         """An integer that changes if step `step` consumed other rows; summed into the resume check."""
         epoch, s = divmod(step, self.steps_per_epoch)
         perm = self.permutation(epoch) if perm is None else perm
         rows = perm[s * self.global_batch : (s + 1) * self.global_batch]
         return int(((rows.astype(np.int64) + 1) * (step + 1)).sum() % (2**31 - 1))
+
+
+class MemoryFeed:
+    """train.data_loading=memory: every row is in memory and a step's micro-batches index them directly."""
+
+    def __init__(self, data: TrainRows, plan: BatchPlan, rank: int):
+        self.data, self.plan, self.rank = data, plan, rank
+        self._perm: tuple[int, np.ndarray | None] = (-1, None)
+
+    def step_rows(self, step: int) -> tuple[TrainRows, list[np.ndarray]]:
+        """(rows to index, each micro-step's indices into them) for this rank's step `step`."""
+        epoch = self.plan.epoch_of(step)
+        if self._perm[0] != epoch:
+            self._perm = (epoch, self.plan.permutation(epoch))
+        return self.data, [self.plan.rows(step, self.rank, m, self._perm[1]) for m in range(self.plan.grad_accum)]
+
+    def close(self) -> None:
+        pass
 
 
 def total_steps(plan: BatchPlan, epochs: int, max_steps: int | None) -> int:
@@ -228,7 +301,7 @@ class MicroBatch:
     neg_is_null: torch.Tensor | None
     ref_logp_pos: torch.Tensor | None
     ref_logp_neg: torch.Tensor | None
-    rows: np.ndarray
+    rows: np.ndarray  # indices into the TrainRows it was made from
     row_seeds: torch.Tensor | None = None  # int64 [M]: TrainRows.row_seeds of these rows
 
     @property
@@ -290,14 +363,14 @@ def draw_knob(kind: str, n: int, seed: tuple[int, ...], lam_range: tuple[float, 
     raise ValueError(f"unknown knob kind {kind!r}")
 
 
-def check_reference_columns(data: TrainRows, objective: str) -> None:
+def check_reference_columns(data, objective: str) -> None:
     """Refuse rows that lack the precomputed log p_phi columns `objective` reads (train.reference=precomputed):
-    ref_logp_pos/ref_logp_neg for cca, cca_cfg and dpo, and ref_logp_null for cca_cfg when any row is flagged."""
+    ref_logp_pos/ref_logp_neg for cca, cca_cfg and dpo, and ref_logp_null for cca_cfg when any row is flagged.
+    data: TrainRows or stream.StreamedRows (both answer `has` and `any_null_flag`)."""
     if objective not in REFERENCE_OBJECTIVES:
         return
-    missing = [n for n in ("ref_logp_pos", "ref_logp_neg") if getattr(data, n) is None]
-    flagged = objective == "cca_cfg" and data.pos_null is not None and bool((data.pos_null | data.neg_null).any())
-    if flagged and data.ref_logp_null is None:
+    missing = [n for n in ("ref_logp_pos", "ref_logp_neg") if not data.has(n)]
+    if objective == "cca_cfg" and data.any_null_flag and not data.has("ref_logp_null"):
         missing.append("ref_logp_null")
     if missing:
         raise TrainDataError(f"{data.source}: train.reference=precomputed with objective {objective} needs the "

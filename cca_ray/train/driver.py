@@ -35,6 +35,7 @@ from cca_ray.data.shards import read_manifest
 from cca_ray.raycluster import ensure_ray
 from cca_ray.train.batches import PAIRED_OBJECTIVES, REFERENCE_OBJECTIVES, TrainDataError, dataset_for, read_rows
 from cca_ray.train.recipe import Trainer
+from cca_ray.train.stream import StreamedRows
 from cca_ray.workarounds import is_worker_start_timeout, quiet_ray_train_reports
 from cca_ray.models import is_checkpoint, loader_options
 
@@ -63,9 +64,11 @@ def worker_start_message(run_name: str, tc: TrainConfig, tries: int, cluster: di
 
 def default_run_name(cfg: Config, section: str, model_id: str) -> str:
     """`<section>-<objective>-<hash of config + starting weights>`: rerunning the same command on the same
-    starting model resumes that run; another config or a retrained base model starts a new one."""
+    starting model resumes that run; another config or a retrained base model starts a new one.
+    train.data_loading is left out: streamed and in-memory runs see the same batches, so either resumes the other."""
     tc = getattr(cfg, section)
     key = {k: cfg.model_dump(mode="json")[k] for k in (section, "model", "data", "tokenizer")}
+    del key[section]["data_loading"]
     key["model_id"] = model_id
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
     return f"{section}-{tc.objective}-{digest}"
@@ -92,9 +95,10 @@ def train_loop_per_worker(config: dict) -> None:
     if not tc.use_gpu:
         torch.set_num_threads(max(1, int(tc.cpus_per_worker)))
     ctx = ray.train.get_context()
-    data = read_rows(config["data_dir"], pairs=tc.objective in PAIRED_OBJECTIVES,
-                     reference=tc.objective in REFERENCE_OBJECTIVES and tc.reference == "precomputed",
-                     condition_kind=condition_kind(cfg.model.family))
+    rows = StreamedRows if tc.data_loading == "stream" else read_rows  # stream: only the next steps' rows
+    data = rows(config["data_dir"], pairs=tc.objective in PAIRED_OBJECTIVES,
+                reference=tc.objective in REFERENCE_OBJECTIVES and tc.reference == "precomputed",
+                condition_kind=condition_kind(cfg.model.family))
     trainer = Trainer(cfg, section, model_dir=config["model_dir"], data=data, rank=ctx.get_world_rank(),
                       world_size=ctx.get_world_size(), run_dir=config["run_dir"], mlflow=config["mlflow"],
                       report=_ray_report, extra_report_fn=config.get("extra_report_fn"),

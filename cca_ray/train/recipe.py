@@ -49,6 +49,7 @@ from cca_ray.train.batches import (
     make_micro_batch,
     total_steps,
 )
+from cca_ray.train.stream import StreamedRows, open_feed
 
 log = logging.getLogger("cca_ray.train")
 METRICS = ("loss", "rel_logp_pos", "rel_logp_neg", "pair_accuracy", "margin", "grad_norm", "lr", "tokens_per_s",
@@ -82,8 +83,9 @@ class Trainer:
     objectives, h*w per image for sft), samples_per_s the images (pairs) per second, all ranks together.
     """
 
-    def __init__(self, cfg: Config, section: str, *, model_dir: str | Path, data: TrainRows, rank: int = 0,
-                 world_size: int = 1, run_dir: str | Path | None = None, mlflow: tuple[str, str] | None = None,
+    def __init__(self, cfg: Config, section: str, *, model_dir: str | Path, data: TrainRows | StreamedRows,
+                 rank: int = 0, world_size: int = 1, run_dir: str | Path | None = None,
+                 mlflow: tuple[str, str] | None = None,
                  report: Callable[[dict, str | None], None] | None = None,
                  extra_report_fn: Callable[[Trainer], dict] | None = None, extra_report_every: int | None = None,
                  run_name: str | None = None, export_at_end: bool = False):
@@ -100,6 +102,7 @@ class Trainer:
         self.plan = BatchPlan(len(data), world_size, self.tc.micro_batch_size, self.tc.grad_accum, self.tc.seed)
         self.plan.check(data.source)
         self.total_steps = total_steps(self.plan, self.tc.epochs, self.tc.max_steps)
+        self.feed = open_feed(data, self.plan, rank, self.total_steps)  # this rank's rows, step by step
         self.online_reference = self.tc.objective in REFERENCE_OBJECTIVES and self.tc.reference == "online"
         if not self.online_reference:
             check_reference_columns(data, self.tc.objective)
@@ -230,9 +233,9 @@ class Trainer:
         if self._perm[0] != epoch:
             self._perm = (epoch, plan.permutation(epoch))
         self.lr = float(self.engine.get_lr()[0])  # the lr this step uses (the scheduler steps inside engine.step)
+        step_rows, micro_rows = self.feed.step_rows(self.step)
         for micro in range(tc.grad_accum):
-            rows = plan.rows(self.step, self.rank, micro, self._perm[1])
-            mb = make_micro_batch(self.data, rows, tc.objective, cond_dropout=tc.cond_dropout,
+            mb = make_micro_batch(step_rows, micro_rows[micro], tc.objective, cond_dropout=tc.cond_dropout,
                                   dropout_seed=(tc.seed, self.step, self.rank, micro))
             loss, metrics, tokens = self.micro_batch_loss(mb, seed=(tc.seed, self.step, self.rank, micro))
             self.engine.backward(loss)
@@ -365,4 +368,5 @@ class Trainer:
         return deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()))
 
     def cleanup(self) -> None:
+        self.feed.close()
         self.engine = self.ref_engine = None

@@ -161,7 +161,7 @@ def reference_pass(cfg, checkpoint: str | Path | None = None, data_dir: str | Pa
         m["skipped"], m["counts"]["skipped"] = pm["skipped"], pm["skipped"]["count"]
         return m
 
-    return write_ray_dataset(ds, data_dir / "pairs_ref", manifest_fn, d.shard_rows)
+    return write_ray_dataset(ds, data_dir / "pairs_ref", manifest_fn, d.shard_rows, d.row_group_rows)
 
 
 def verify_reference(pairs_ref_dir: str | Path, checkpoint: str | Path, pairs_dir: str | Path | None = None,
