@@ -33,6 +33,7 @@ from cca_ray.loss import finalize_metrics, objective_loss
 from cca_ray.telemetry import TrainMetrics
 from cca_ray.train.engine import (  # noqa: F401 (re-exported: tests and benchmarks import them from here)
     deepspeed_config,
+    effective_bf16,
     knob_spec,
     local_process_group,
     lr_factor,
@@ -123,8 +124,13 @@ class Trainer:
     def setup(self, resume_dir: str | Path | None = None) -> Trainer:
         import deepspeed
 
-        tc = self.tc
-        use_gpu = tc.use_gpu and torch.cuda.is_available()
+        use_gpu = self.tc.use_gpu and torch.cuda.is_available()
+        bf16, precision = effective_bf16(self.tc, use_gpu)
+        self.tc = tc = self.tc.model_copy(update={"bf16": bf16})  # the CPU fallback: see effective_bf16
+        if self.rank == 0:
+            print(f"{self.run_name}: {precision}", flush=True)
+            if self.mlflow is not None:
+                tracking.set_tags(*self.mlflow, {"precision": precision})
         quiet_deepspeed(use_gpu)
         torch.manual_seed(tc.seed)
         ds_config = deepspeed_config(tc, self.world_size)
