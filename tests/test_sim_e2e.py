@@ -30,7 +30,7 @@ def sim_run(ray_local, tmp_path_factory):
     subprocess.run([sys.executable, "-m", "cca_ray.sim_assets", "sim_assets"], cwd=work, check=True, timeout=300)
     t0 = time.time()
     r = subprocess.run([sys.executable, "-m", "cca_ray.tune", "--preset", "emu3-sim", *EXTRA_ARGS], cwd=work,
-                       capture_output=True, text=True, timeout=1500)
+                       capture_output=True, text=True, timeout=900)
     print(f"python -m cca_ray.tune --preset emu3-sim {' '.join(EXTRA_ARGS)}: {time.time() - t0:.0f} s")
     out = r.stdout + r.stderr
     (work / "tune.log").write_text(out)
