@@ -253,6 +253,12 @@ class EvalConfig(_Section):
                             "(must not overlap the final evaluation's seeds)")
     proxy_reference_size: int = Field(1000, gt=0, description="train-split images the FID proxy compares against "
                                       "(the final table compares against the holdout)")
+    # where the FID proxy's images are drawn during training (cca_ray.tune.sweep.FidProxy)
+    proxy_runner: Literal["auto", "in_process", "task"] = Field(
+        "auto", description="in_process: training rank 0 samples its live weights (fast on CPU; refused under "
+        "train.zero_stage 3, where rank 0 holds only a partition); task: the ranks gather the weights, rank 0 "
+        "writes a 16-bit export to <run_dir>/proxy_export and Ray tasks (GPU tasks when train.use_gpu) sample "
+        "it; auto: task under ZeRO-3 or on GPU, else in_process")
 
     @model_validator(mode="after")
     def _proxy_seeds_disjoint(self) -> EvalConfig:
@@ -332,6 +338,20 @@ class Config(_Section):
     eval: EvalConfig = EvalConfig()
     tune: TuneConfig = TuneConfig()
     serve: ServeConfig = ServeConfig()
+
+    @model_validator(mode="after")
+    def _proxy_runner_fits_zero3(self) -> "Config":
+        if self.eval.proxy_runner == "in_process" and self.train.zero_stage == 3:
+            raise ValueError("eval.proxy_runner=in_process samples on training rank 0, which under train.zero_stage=3 "
+                             "holds only its partition of the weights (the other ranks would hang in the next "
+                             "collective); set eval.proxy_runner to auto or task")
+        return self
+
+    def proxy_runs_as_task(self) -> bool:
+        """Whether the FID proxy samples an export in Ray tasks (eval.proxy_runner; auto: under ZeRO-3 or GPU)."""
+        if self.eval.proxy_runner == "auto":
+            return self.train.zero_stage == 3 or self.train.use_gpu
+        return self.eval.proxy_runner == "task"
 
     # -- paths under the workdir: every stage agrees on them --------------------------
     @property

@@ -125,11 +125,13 @@ def proxy_setup(setup: EvalSetup) -> EvalSetup:
 def evaluate_model(
     setup: EvalSetup, model_path, *, guidance: float = 0.0, n: int | None = None, metrics=None, model=None,
     cca_lambda: float | None = None, guidance_beta: float | None = None, seed: int | None = None,
+    task_gpus: float | None = None,
 ) -> tuple[dict, np.ndarray]:
     """Sample n images (eval_conditions: class-balanced, or held-out captions) from model_path (or an
     in-process `model`) and score them.
     cca_lambda / guidance_beta: the sampling-time knob of a λ-conditioned CCA / GFT model.
     seed: image i uses seed + i (default eval.seed; the FID proxy passes eval.proxy_seed).
+    task_gpus: sample model_path only in Ray tasks of that many GPUs each (sampling.sample_parallel).
 
     Returns (metrics dict with fid, isc_mean, kid_mean, precision, recall, n, ..., and accuracy where the
     data has labels and the extractor a classifier head; images).
@@ -149,7 +151,7 @@ def evaluate_model(
         images = sample_local(model, load_tokenizer(setup.tokenizer_dir), conds, **kw)
     else:
         images = sample_parallel(model_path, setup.tokenizer_dir, conds, workers=cfg.eval.workers,
-                                 load_options=loader_options(cfg.model, model_path), **kw)
+                                 load_options=loader_options(cfg.model, model_path), task_gpus=task_gpus, **kw)
     if cfg.eval.image_size:
         from cca_ray.evaluate.reference_stats import resize_images
 

@@ -10,8 +10,10 @@ created), to Prometheus gauges (rank 0, cca_ray.telemetry over ray.util.metrics)
 `ray.train.report` (every rank; Tune's TuneReportCallback forwards rank 0's).
 A checkpoint is a sharded DeepSpeed checkpoint that each rank writes into its own temp dir
 and reports; Ray merges them. The step counter is the data position, so a restarted worker
-group (FailureConfig) resumes at the next unseen batch. At the end the driver exports the
-last checkpoint as a `load_model`-able directory: <checkpoint_dir>/<run>/export.
+group (FailureConfig) resumes at the next unseen batch. At the last step the workers write the
+`load_model`-able export <checkpoint_dir>/<run>/export from their gathered weights
+(cca_ray.train.gathered); the driver keeps it, or consolidates the last checkpoint when the
+export does not hold that checkpoint's step (final_export).
 """
 
 from __future__ import annotations
@@ -96,7 +98,8 @@ def train_loop_per_worker(config: dict) -> None:
     trainer = Trainer(cfg, section, model_dir=config["model_dir"], data=data, rank=ctx.get_world_rank(),
                       world_size=ctx.get_world_size(), run_dir=config["run_dir"], mlflow=config["mlflow"],
                       report=_ray_report, extra_report_fn=config.get("extra_report_fn"),
-                      extra_report_every=config.get("extra_report_every"), run_name=config.get("run_name"))
+                      extra_report_every=config.get("extra_report_every"), run_name=config.get("run_name"),
+                      export_at_end=config.get("export", False))
     resume = ray.train.get_checkpoint()
     if resume is not None:
         with resume.as_directory() as d:
@@ -171,7 +174,8 @@ def run_training(cfg: Config, section: str = "train", *, run_name: str | None = 
         train_loop_per_worker,
         train_loop_config={"cfg": dumped, "section": section, "model_dir": str(model_dir), "data_dir": str(data_dir),
                            "run_dir": str(run_dir), "run_name": run_name, "mlflow": (uri, run_id),
-                           "extra_report_fn": extra_report_fn, "extra_report_every": extra_report_every},
+                           "extra_report_fn": extra_report_fn, "extra_report_every": extra_report_every,
+                           "export": export},
         torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                      resources_per_worker={"CPU": tc.cpus_per_worker}),
@@ -194,11 +198,24 @@ def run_training(cfg: Config, section: str = "train", *, run_name: str | None = 
     last = Path(result.checkpoint.path) if result.checkpoint is not None else None
     export_dir = None
     if export and last is not None:
-        export_dir = ckpt.export_model(last, model_dir, run_dir / "export", zero_stage=tc.zero_stage,
-                                       dtype=cfg.model.dtype, load_options=loader_options(cfg.model, model_dir))
+        export_dir = final_export(cfg, tc, last, model_dir, run_dir)
         tracking.set_tags(uri, run_id, {"export_dir": export_dir, "checkpoint": last})
     tracking.end_run(uri, run_id, "FINISHED")
     return TrainResult(run_name, run_dir, last, export_dir, dict(result.metrics or {}), run_id)
+
+
+def final_export(cfg: Config, tc: TrainConfig, last: Path, model_dir: Path, run_dir: Path) -> Path:
+    """The run's export: the one the workers wrote at the last step when it holds the final checkpoint's step;
+    otherwise (a run resumed from a checkpoint past which nothing was exported, a bf16 run exported as
+    float32) this process consolidates the checkpoint's shards, which at Emu3-Gen scale takes ~70 GB."""
+    from cca_ray.train.gathered import FINAL_EXPORT, reusable_export
+
+    written = reusable_export(run_dir, int(ckpt.read_state(last)["step"]))
+    if written is not None:
+        return written
+    log.info("consolidating %s into %s (no workers' export of its step)", last, run_dir / FINAL_EXPORT)
+    return ckpt.export_model(last, model_dir, run_dir / FINAL_EXPORT, zero_stage=tc.zero_stage,
+                             dtype=cfg.model.dtype, load_options=loader_options(cfg.model, model_dir))
 
 
 def ensure_inputs(cfg: Config, section: str) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from cca_ray.train import checkpoint as ckpt
+from cca_ray.train import gathered
 from cca_ray import tracking
 from cca_ray.models import knob as knobs
 from cca_ray.config import Config
@@ -75,7 +76,9 @@ class Trainer:
     is (tracking_uri, run_id) for rank 0, which also sets the Prometheus gauges of cca_ray.telemetry
     (tags: run=`run_name`, default the run dir's name; objective); `extra_report_fn(trainer) -> dict`
     runs on every rank every `extra_report_every` steps (Tune's FID proxy), its metrics join that step's report;
-    it samples from `trainer.adapter` inside `with trainer.gathered_weights():` (needed under ZeRO-3).
+    under ZeRO-3 it must be collective (cca_ray.train.gathered.export_weights), never sample on one rank.
+    `export_at_end`: at the last step the ranks write `<run_dir>/export` themselves (cca_ray.train.gathered),
+    which the driver reuses instead of consolidating the checkpoint.
     Metrics: tokens_per_s counts the image tokens the policy scored (2 h*w per pair for paired
     objectives, h*w per image for sft), samples_per_s the images (pairs) per second, all ranks together.
     """
@@ -84,7 +87,7 @@ class Trainer:
                  world_size: int = 1, run_dir: str | Path | None = None, mlflow: tuple[str, str] | None = None,
                  report: Callable[[dict, str | None], None] | None = None,
                  extra_report_fn: Callable[[Trainer], dict] | None = None, extra_report_every: int | None = None,
-                 run_name: str | None = None):
+                 run_name: str | None = None, export_at_end: bool = False):
         self.cfg, self.section, self.tc = cfg, section, getattr(cfg, section)
         self.model_dir, self.data = Path(model_dir), data
         self.rank, self.world_size = rank, world_size
@@ -94,6 +97,7 @@ class Trainer:
         self.telemetry = TrainMetrics() if rank == 0 else None
         self.mlflow, self.report_fn = mlflow, report
         self.extra_report_fn, self.extra_report_every = extra_report_fn, extra_report_every
+        self.export_at_end = export_at_end and self.run_dir is not None
         self.plan = BatchPlan(len(data), world_size, self.tc.micro_batch_size, self.tc.grad_accum, self.tc.seed)
         self.plan.check(data.source)
         self.total_steps = total_steps(self.plan, self.tc.epochs, self.tc.max_steps)
@@ -305,6 +309,8 @@ class Trainer:
                 last.update(self.extra_report_fn(self) or {})
             if self.rank == 0:
                 self._log(last)
+            if done and self.export_at_end and gathered.holds_full_precision(self):
+                gathered.export_weights(self, self.run_dir / gathered.FINAL_EXPORT)
             if want_ckpt:
                 self.save_checkpoint(last)
             elif self.report_fn is not None:

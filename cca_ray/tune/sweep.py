@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import yaml
@@ -62,22 +63,46 @@ def to_tune_space(params: dict) -> dict:
     return out
 
 
-# -- the FID proxy, computed on rank 0 inside the training loop ---------------------------
+# -- the FID proxy, computed during training at every report ---------------------------------
 class FidProxy:
-    """extra_report_fn for the trainer: guidance-free samples of the current policy -> fid_proxy.
+    """extra_report_fn for the trainer: guidance-free samples of the current policy -> fid_proxy (and proxy_s,
+    its seconds), the same values on every rank.
 
     `setup` is the proxy's own (evaluate.job.proxy_setup: train-split reference) and the samples use
-    eval.proxy_seed, so the final table's seeds and real images are never the ones ASHA selected on."""
+    eval.proxy_seed, so the final table's seeds and real images are never the ones ASHA selected on.
+    Where the images are drawn is eval.proxy_runner (Config.proxy_runs_as_task): in_process, rank 0 samples
+    its live weights; task, the ranks write `<run_dir>/proxy_export` together (cca_ray.train.gathered) and
+    rank 0 scores Ray tasks' samples of it (GPU tasks under train.use_gpu) while the others wait for the
+    result: under ZeRO-3 no rank holds the whole model, so no rank may sample on its own."""
 
     def __init__(self, setup: EvalSetup):
         self.setup = setup
 
     def __call__(self, trainer) -> dict:
-        if trainer.rank != 0:
-            return {}
+        from cca_ray.train import gathered
+
+        t0 = time.perf_counter()
+        if trainer.cfg.proxy_runs_as_task():  # the trial's own config (its train section)
+            path = gathered.export_weights(trainer, self._run_dir(trainer) / gathered.PROXY_EXPORT)
+            out = self._score(model_path=path, task_gpus=1.0 if trainer.tc.use_gpu else 0.0) \
+                if trainer.rank == 0 else None
+        else:
+            out = self._score(model=trainer.adapter) if trainer.rank == 0 else None
+        if out is not None:
+            out["proxy_s"] = time.perf_counter() - t0
+        return gathered.broadcast_result(out, trainer.rank)
+
+    @staticmethod
+    def _run_dir(trainer) -> Path:
+        if trainer.run_dir is None:
+            raise ValueError("eval.proxy_runner=task writes the proxy's export into the run dir: give the Trainer "
+                             "a run_dir")
+        return trainer.run_dir
+
+    def _score(self, model_path=None, **how) -> dict:
         cfg = self.setup.cfg
-        m, _ = evaluate_model(self.setup, None, guidance=0.0, n=cfg.eval.proxy_num_samples, metrics=("fid",),
-                              model=trainer.adapter, seed=cfg.eval.proxy_seed)
+        m, _ = evaluate_model(self.setup, model_path, guidance=0.0, n=cfg.eval.proxy_num_samples, metrics=("fid",),
+                              seed=cfg.eval.proxy_seed, **how)
         return {"fid_proxy": m["fid"], **({"acc_proxy": m["accuracy"]} if "accuracy" in m else {})}
 
 

@@ -1,0 +1,119 @@
+"""ZeRO-3 on 2 real Ray Train workers: the FID proxy at a checkpoint step (no rank samples a partition, no
+hang), and the export the workers write from their gathered weights (what the driver keeps, instead of
+consolidating the shards itself). bf16 with model.dtype bfloat16: the 16-bit export path."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from cca_ray.config import ConfigError, load_config
+
+OVERRIDES = ["train.zero_stage=3", "train.bf16=true", "model.dtype=bfloat16", "train.max_steps=4",
+             "train.checkpoint_every=2", "train.log_every=2", "eval.proxy_num_samples=16", "eval.workers=2",
+             "data.max_images=256"]
+RUN_TIMEOUT_S = 240  # a collective that no longer lines up hangs forever: fail instead
+
+# the run, in its own driver process joined to the test's cluster (RAY_ADDRESS): a hang is killed by the timeout
+RUN = textwrap.dedent("""
+    import json, sys
+    from cca_ray.config import load_config
+    from cca_ray.evaluate.job import eval_setup, proxy_setup
+    from cca_ray.train.driver import run_training
+    from cca_ray.tune.sweep import FidProxy
+
+    cfg = load_config("smoke", overrides=json.loads(sys.argv[1]), workdir=sys.argv[2])
+    res = run_training(cfg, "train", run_name="zero3", extra_report_fn=FidProxy(proxy_setup(eval_setup(cfg))),
+                       extra_report_every=2)
+    print("RESULT " + json.dumps({"metrics": res.metrics, "export": str(res.export_dir),
+                                  "checkpoint": str(res.checkpoint), "run_dir": str(res.run_dir),
+                                  "run_id": res.mlflow_run_id}))
+""")
+
+
+def test_in_process_proxy_is_refused_under_zero3():
+    with pytest.raises(ConfigError, match="eval.proxy_runner"):
+        load_config("smoke", overrides=["train.zero_stage=3", "eval.proxy_runner=in_process"])
+    assert load_config("smoke", overrides=["train.zero_stage=3"]).proxy_runs_as_task()
+    assert not load_config("smoke").proxy_runs_as_task()  # CPU, ZeRO-2: today's fast in-process path
+    assert load_config("smoke", overrides=["eval.proxy_runner=task"]).proxy_runs_as_task()
+
+
+@pytest.fixture(scope="module")
+def prepared(ray_local, tmp_path_factory):
+    from cca_ray.data.prepare import prepare
+    from cca_ray.evaluate.job import eval_setup
+    from cca_ray.train.pretrain import build_init_model
+
+    cfg = load_config("smoke", overrides=OVERRIDES, workdir=tmp_path_factory.mktemp("zero3"))
+    prepare(cfg)
+    build_init_model(cfg, cfg.base_model_dir)  # a random-init base: the run only has to move it
+    eval_setup(cfg, progress=False)  # trains and caches the mnist-cnn extractor before the timed run
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def run(prepared):
+    proc = subprocess.run([sys.executable, "-c", RUN, json.dumps(OVERRIDES), str(prepared.root)],
+                          capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+def _weights(path) -> dict[str, torch.Tensor]:
+    from cca_ray.models import load_model
+
+    return load_model(path, dtype=torch.bfloat16).module.state_dict()
+
+
+def test_proxy_at_checkpoint_steps_equals_the_proxy_of_the_export(prepared, run):
+    from pathlib import Path
+
+    from cca_ray import tracking
+    from cca_ray.evaluate.job import eval_setup, evaluate_model, proxy_setup
+    from cca_ray.train import checkpoint as ckpt
+
+    m = run["metrics"]
+    assert m["step"] == 4 and m["proxy_s"] > 0
+    assert [s for s, _ in tracking.metric_history(prepared.mlflow_uri, run["run_id"], "fid_proxy")] == [2, 4]
+    proxy_dir = Path(run["run_dir"]) / "proxy_export"
+    assert ckpt.export_source(proxy_dir)["step"] == 4  # the last proxy's weights, written by the ranks
+    assert ckpt.export_source(run["export"])["written_by"] == "training ranks"
+
+    cfg = prepared
+    again, _ = evaluate_model(proxy_setup(eval_setup(cfg, progress=False)), run["export"], guidance=0.0,
+                              n=cfg.eval.proxy_num_samples, metrics=("fid",), seed=cfg.eval.proxy_seed)
+    assert abs(again["fid"] - m["fid_proxy"]) < 1e-6, (again["fid"], m["fid_proxy"])
+
+
+def test_workers_export_equals_the_consolidation_which_stays_the_fallback(prepared, run, tmp_path):
+    """The driver keeps the workers' export when it holds the final checkpoint's step; otherwise it
+    consolidates the shards (zero_to_fp32), and both agree to bf16 precision."""
+    from pathlib import Path
+
+    from cca_ray.train import checkpoint as ckpt
+    from cca_ray.train.driver import final_export
+
+    export, last, run_dir = Path(run["export"]), Path(run["checkpoint"]), Path(run["run_dir"])
+    assert export == run_dir / "export" and ckpt.export_source(export)["step"] == 4
+    assert final_export(prepared, prepared.train, last, prepared.base_model_dir, run_dir) == export  # reused
+    workers = shutil.copytree(export, tmp_path / "workers")
+
+    source = ckpt.export_source(export)
+    (export / ckpt.SOURCE_FILE).write_text(json.dumps({**source, "step": 3}))  # as if it predated the checkpoint
+    out = final_export(prepared, prepared.train, last, prepared.base_model_dir, run_dir)
+    assert ckpt.export_source(out)["checkpoint"] == str(last)  # consolidated by the driver this time
+
+    ours, theirs = _weights(workers), _weights(out)
+    assert ours.keys() == theirs.keys()
+    base = _weights(prepared.base_model_dir)
+    assert any(not torch.equal(ours[k], base[k]) for k in ours), "the export holds the base weights"
+    for k in ours:
+        torch.testing.assert_close(ours[k], theirs[k], msg=k)  # bf16's tolerances
