@@ -6,6 +6,7 @@ e.g. `train.zero_stage=2` while the FID proxy under ZeRO-3 is being fixed. The a
 config the command ran, so with the variable unset they check the preset as it is (ZeRO-3).
 """
 
+import contextlib
 import csv
 import os
 import shlex
@@ -35,7 +36,8 @@ def sim_run(ray_local, tmp_path_factory):
     out = r.stdout + r.stderr
     (work / "tune.log").write_text(out)
     assert r.returncode == 0, out[-6000:]
-    cfg = load_config("emu3-sim", overrides=EXTRA_ARGS, workdir=work / "cca_work")
+    with contextlib.chdir(work):  # the preset's relative paths, as the command resolved them
+        cfg = load_config("emu3-sim", overrides=EXTRA_ARGS, workdir=work / "cca_work")
     return work, cfg, out
 
 
