@@ -8,7 +8,8 @@ parquet row group, a chunk of a folder) and `read(unit)` yields one `Row` per im
 Images come out as squares of data.image_size by data.preprocess (resize, LlamaGen's centre crop, VAR's
 resize-and-crop: cca_ray/data/preprocess.py; for data.augment=ten-crop the larger square its crops
 come from) and converted to data.channels.
-A row that cannot be read comes out with image=None and `error` naming the file and
+`read(unit, keep)` skips the rows whose source_id `keep` rejects without decoding them (evaluation
+reads one split's real images, not the whole source). A row that cannot be read comes out with image=None and `error` naming the file and
 row; the pipeline raises it (data.on_bad_row=error) or records it in the manifest (skip).
 Problems with a whole file (missing columns, a truncated parquet) raise DataError at once.
 
@@ -26,7 +27,7 @@ import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -40,6 +41,10 @@ UNIT_ROWS = 256  # rows per read task (and block) for in-memory sources and fold
 def digit_prompt(label: int) -> str:
     """The one text template per digit class: 7 -> "a handwritten digit seven"."""
     return f"a handwritten digit {DIGIT_WORDS[int(label)]}"
+
+
+# a filter on source ids: read(unit, keep) skips a row keep rejects before decoding its image
+Keep = Callable[[str], bool]
 
 
 @dataclass
@@ -148,9 +153,11 @@ class DigitsSource:
         n = len(self._order())
         return [Unit(self.name, s, min(s + UNIT_ROWS, n)) for s in range(0, n, UNIT_ROWS)]
 
-    def read(self, unit: Unit) -> Iterator[Row]:
+    def read(self, unit: Unit, keep: Keep | None = None) -> Iterator[Row]:
         images, labels = _digits_arrays(self.name)
         for idx in self._order()[unit.start : unit.stop]:
+            if keep is not None and not keep(f"{self.name}:{idx}"):
+                continue
             lab = int(labels[idx])
             yield Row(f"{self.name}:{idx}", to_image(images[idx], self.image_size, self.channels, self.preprocess), lab, digit_prompt(lab))
 
@@ -226,7 +233,7 @@ class ParquetSource:
                     return units
         return units
 
-    def read(self, unit: Unit) -> Iterator[Row]:
+    def read(self, unit: Unit, keep: Keep | None = None) -> Iterator[Row]:
         import pyarrow.parquet as pq
 
         if unit.group == self.UNREADABLE:
@@ -244,6 +251,8 @@ class ParquetSource:
         for i in range(unit.stop - unit.start):
             row = unit.start + i
             sid = f"{unit.file}#{row}"
+            if keep is not None and not keep(sid):
+                continue
             try:
                 img = images[i]["bytes"] if isinstance(images[i], dict) else images[i]
                 if img is None:
@@ -320,10 +329,12 @@ class FolderSource:
             raise DataError(f"{self.root}: neither captions.jsonl nor class sub-folders found")
         return out
 
-    def read(self, unit: Unit) -> Iterator[Row]:
+    def read(self, unit: Unit, keep: Keep | None = None) -> Iterator[Row]:
         entries = (self._class_entries(Path(unit.file), unit.group) if unit.group >= 0 else self._entries())
         for e in entries[unit.start : unit.stop]:
             sid = e["sid"]  # unique even if captions.jsonl lists one image twice
+            if keep is not None and not keep(sid):
+                continue
             if "error" in e:
                 yield Row(sid, error=e["error"])
                 continue
@@ -353,7 +364,8 @@ def make_source(data_cfg) -> DigitsSource | ParquetSource | FolderSource:
     return src
 
 
-def iter_rows(source) -> Iterator[Row]:
-    """Every row of a source, in order (no Ray; tests and small tools)."""
+def iter_rows(source, keep: Keep | None = None) -> Iterator[Row]:
+    """Every row of a source, in order (no Ray; tests and small tools); with `keep`, only the rows whose
+    source_id it accepts, the others skipped before their image is decoded."""
     for unit in source.units():
-        yield from source.read(unit)
+        yield from source.read(unit, keep)

@@ -3,11 +3,13 @@
 * ``mnist-cnn``: a small CNN digit classifier trained here, once, on the run's own training
   images (8x8 sklearn digits or 28x28 MNIST; inputs are resized to 28x28 inside the net).
   Its penultimate layer (64-d) feeds FID/KID/PRC, its logits feed IS and condition accuracy.
-* ``inception-v3``: torch-fidelity's InceptionV3 from a local weights file (no downloads).
+* ``inception-v3``: torch-fidelity's InceptionV3 from a local weights file (eval.inception_weights;
+  no downloads). It has no head for the data's conditions: no condition accuracy.
 
 torch-fidelity caches features and statistics by *extractor name*, ignoring weights, so the
 name registered for a trained mnist-cnn carries the architecture version and a digest of
-its weights: new weights never reuse stale reference statistics.
+its weights, and the one for inception-v3 the sha256 of its weights file: new weights never
+reuse stale reference statistics.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from threadpoolctl import threadpool_limits
 from torch import nn
 from torch_fidelity import register_feature_extractor
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from tqdm.auto import tqdm
 
@@ -227,8 +230,8 @@ class Extractor:
     num_classes: int | None
 
     def register(self) -> None:
-        if self.kind == "mnist-cnn" and self.fidelity_name not in FEATURE_EXTRACTORS_REGISTRY:
-            register_feature_extractor(self.fidelity_name, MnistCNNFeatures)
+        if self.fidelity_name not in FEATURE_EXTRACTORS_REGISTRY:
+            register_feature_extractor(self.fidelity_name, FEATURE_CLASSES[self.kind])
 
     def fidelity_kwargs(self) -> dict:
         self.register()
@@ -288,14 +291,31 @@ def inception_weights_path(inception_weights: str | Path | None = None) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
 
 
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _load_inception_extractor(cache_dir: Path, *, inception_weights=None, **_) -> Extractor:
+    """torch-fidelity's InceptionV3 on the weights file, registered as inception-v3-<sha256 of the file>."""
     path = inception_weights_path(inception_weights)
     if not path.is_file():
+        given = f"eval.inception_weights={inception_weights}" if inception_weights else \
+            f"eval.inception_weights is unset and the default {path}"
         raise FileNotFoundError(
-            f"inception-v3 weights not found at {path}. This machine cannot download them: fetch {INCEPTION_URL} "
-            f"elsewhere and put the file at exactly {path} (or set eval.inception_weights=/path/to/{INCEPTION_FILE})."
+            f"inception-v3 weights: {given}: no such file. Nothing is downloaded at run time: fetch {INCEPTION_URL} "
+            f"elsewhere (torch-fidelity's FeatureExtractorInceptionV3 state dict) and set eval.inception_weights "
+            f"to its local path."
         )
-    return Extractor("inception-v3", "inception-v3-compat", path, Path(cache_dir) / "fidelity_cache", None)
+    name = f"inception-v3-{file_sha256(path)[:12]}"
+    return Extractor("inception-v3", name, path, Path(cache_dir) / "fidelity_cache", None)
+
+
+# kind -> the torch-fidelity class an Extractor registers under its fidelity_name
+FEATURE_CLASSES = {"mnist-cnn": MnistCNNFeatures, "inception-v3": FeatureExtractorInceptionV3}
 
 
 # kind -> loader(cache_dir, **options) -> Extractor; the keys are eval.extractor's choices.

@@ -6,13 +6,16 @@
     python -m cca_ray.evaluate --checkpoint DIR --guidance-beta 1 0.5 0.25   # a GFT model at each β
 
 Samples are class-balanced over the dataset's labels (image i asks for class i mod C, with seed
-eval.seed + i), drawn over Ray workers, and scored against the held-out *real* images with the
-extractor eval.extractor (mnist-cnn: trained once on the real train split and cached).
+eval.seed + i); on caption data (no labels: JourneyDB) image i takes the i-th held-out caption
+(cycled), and condition accuracy is left out (no classifier reads captions). They are drawn over
+Ray workers and scored against the held-out *real* images with the extractor eval.extractor
+(mnist-cnn: trained once on the real train split and cached). Real images are decoded lazily,
+one split's rows only.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +26,8 @@ from cca_ray.models import condition_kind, is_checkpoint, loader_options
 
 @dataclass
 class EvalSetup:
-    """Everything scoring needs, built once per run: extractor, cached reference, class conditions."""
+    """Everything scoring needs, built once per run: extractor, cached reference, conditions (class prompts,
+    or for caption data the held-out captions)."""
 
     cfg: Config
     extractor: object
@@ -31,19 +35,24 @@ class EvalSetup:
     label_to_prompt: dict[int, str]
     tokenizer_dir: Path
     condition_kind: str = "prompt"  # what the model family is conditioned on: prompts or class ids
+    captions: list[str] = field(default_factory=list)  # caption data: the holdout's prompts, in order
 
 
 def real_split(cfg: Config, split: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The real images (uint8 [N,H,W,C]) and labels of a split (the first `limit` in source order),
     re-read from the source with the same deterministic split rule as `prepare` (shards hold codes,
-    FID needs pixels)."""
+    FID needs pixels). Lazily: the other split's rows are skipped before decoding, and reading stops at
+    `limit`, so the proxy's train-split reference never touches the rest of the train split."""
     from cca_ray.data.sources import iter_rows, make_source, split_of
 
+    def in_split(source_id: str) -> bool:
+        return split_of(source_id, cfg.data.seed, cfg.data.holdout_fraction) == split
+
     imgs, labels = [], []
-    for row in iter_rows(make_source(cfg.data)):
+    for row in iter_rows(make_source(cfg.data), keep=in_split):
         if limit is not None and len(imgs) >= limit:
             break
-        if row.error is None and split_of(row.source_id, cfg.data.seed, cfg.data.holdout_fraction) == split:
+        if row.error is None:
             imgs.append(row.image)
             labels.append(-1 if row.label is None else int(row.label))
     if not imgs:
@@ -51,15 +60,32 @@ def real_split(cfg: Config, split: str, limit: int | None = None) -> tuple[np.nd
     return np.stack(imgs), np.asarray(labels, np.int64)
 
 
-def label_prompts(cfg: Config) -> dict[int, str]:
-    """label -> prompt, from the prepared holdout shards."""
+def holdout_conditions(cfg: Config) -> tuple[dict[int, str], list[str]]:
+    """What evaluation samples are conditioned on, from the prepared holdout shards: (label -> prompt, [])
+    when its rows carry labels (class-balanced sampling), else ({}, its captions in shard order)."""
     from cca_ray.data import read_dataset
 
-    t = read_dataset(cfg.data_dir / "holdout", columns=["label", "prompt"], validate=False).to_pydict()
-    out = {int(lab): p for lab, p in zip(t["label"], t["prompt"]) if lab is not None and p}
-    if not out:
-        raise ValueError(f"{cfg.data_dir / 'holdout'}: no labelled rows; class-balanced evaluation needs labels")
-    return dict(sorted(out.items()))
+    holdout = cfg.data_dir / "holdout"
+    t = read_dataset(holdout, columns=["label", "prompt"], validate=False).to_pydict()
+    by_label = {int(lab): p for lab, p in zip(t["label"], t["prompt"]) if lab is not None and p}
+    if by_label:
+        return dict(sorted(by_label.items())), []
+    captions = [p for p in t["prompt"] if p]
+    if not captions:
+        raise ValueError(f"{holdout}: neither labelled rows nor captions; evaluation has no conditions to sample")
+    return {}, captions
+
+
+def eval_conditions(setup: EvalSetup, n: int) -> tuple[list, np.ndarray | None]:
+    """n raw conditions and the labels they ask for: class-balanced when the data has labels, else the
+    held-out captions in order, cycled, with labels None (no accuracy without a class to check)."""
+    from cca_ray.evaluate.sampling import balanced_conditions
+
+    if setup.label_to_prompt:
+        return balanced_conditions(setup.label_to_prompt, n, setup.condition_kind)
+    if setup.condition_kind == "label":
+        raise ValueError(f"model.family={setup.cfg.model.family} is class-conditional but the holdout has no labels")
+    return [setup.captions[i % len(setup.captions)] for i in range(n)], None
 
 
 def eval_setup(cfg: Config, progress: bool = True) -> EvalSetup:
@@ -78,7 +104,8 @@ def eval_setup(cfg: Config, progress: bool = True) -> EvalSetup:
         ref = stats_reference(cfg.eval.reference_stats, ext, fallback_images=holdout)
     else:
         ref = prepare_reference(holdout(), ext, dataset=f"{cfg.data.source}-holdout")
-    return EvalSetup(cfg, ext, ref, label_prompts(cfg), cfg.data_dir / "tokenizer", condition_kind(cfg.model.family))
+    by_label, captions = holdout_conditions(cfg)
+    return EvalSetup(cfg, ext, ref, by_label, cfg.data_dir / "tokenizer", condition_kind(cfg.model.family), captions)
 
 
 def proxy_setup(setup: EvalSetup) -> EvalSetup:
@@ -100,19 +127,21 @@ def evaluate_model(
     cca_lambda: float | None = None, guidance_beta: float | None = None, seed: int | None = None,
     task_gpus: float | None = None,
 ) -> tuple[dict, np.ndarray]:
-    """Sample n class-balanced images from model_path (or an in-process `model`) and score them.
+    """Sample n images (eval_conditions: class-balanced, or held-out captions) from model_path (or an
+    in-process `model`) and score them.
     cca_lambda / guidance_beta: the sampling-time knob of a λ-conditioned CCA / GFT model.
     seed: image i uses seed + i (default eval.seed; the FID proxy passes eval.proxy_seed).
     task_gpus: sample model_path only in Ray tasks of that many GPUs each (sampling.sample_parallel).
 
-    Returns (metrics dict with fid, isc_mean, kid_mean, precision, recall, accuracy, n, ...; images).
+    Returns (metrics dict with fid, isc_mean, kid_mean, precision, recall, n, ..., and accuracy where the
+    data has labels and the extractor a classifier head; images).
     """
     from cca_ray.evaluate.fidelity import ALL_METRICS, compute_metrics
-    from cca_ray.evaluate.sampling import balanced_conditions, sample_local, sample_parallel
+    from cca_ray.evaluate.sampling import sample_local, sample_parallel
 
     cfg = setup.cfg
     n = n or cfg.eval.num_samples
-    conds, labels = balanced_conditions(setup.label_to_prompt, n, setup.condition_kind)
+    conds, labels = eval_conditions(setup, n)
     kw = dict(guidance=guidance, temperature=cfg.sample.temperature, top_k=cfg.sample.top_k, top_p=cfg.sample.top_p,
               seed=cfg.eval.seed if seed is None else seed, batch_size=cfg.sample.batch_size,
               cca_lambda=cca_lambda, guidance_beta=guidance_beta, cfg_schedule=cfg.sample.cfg_schedule)

@@ -98,7 +98,9 @@ def sample_parallel(
         return _sample_chunk(str(model_path), str(tokenizer_dir), list(conds), 0, kw, load_options)
     device = "cuda" if task_gpus else "cpu"
     workers = max(1, min(workers, len(conds)))
-    task = ray.remote(num_cpus=cpus_per_worker, num_gpus=task_gpus or 0)(_sample_chunk)
+    # "DEFAULT": never inside the caller's placement group; from a Train worker (the FID proxy) that group's
+    # bundles hold exactly the workers' own CPUs, so a task there could never be scheduled
+    task = ray.remote(num_cpus=cpus_per_worker, num_gpus=task_gpus or 0, scheduling_strategy="DEFAULT")(_sample_chunk)
     bounds = np.linspace(0, len(conds), workers + 1).astype(int)
     refs = [
         task.remote(str(model_path), str(tokenizer_dir), list(conds[a:b]), int(a), kw, load_options, device)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from pathlib import Path
 
 from cca_ray.config import TrainConfig
 from cca_ray.models import knob as knobs
@@ -26,6 +27,37 @@ def deepspeed_config(tc: TrainConfig, world_size: int) -> dict:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
     }
+
+
+# /proc/cpuinfo flags of CPUs that run bf16 matmuls natively (x86: AVX512-BF16, AMX)
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_bf16_flags() -> list[str]:
+    """The native-bf16 flags this CPU advertises (empty where it has none, or off Linux)."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return []
+    return [f for f in BF16_CPU_FLAGS if f in flags]
+
+
+def effective_bf16(tc: TrainConfig, use_gpu: bool) -> tuple[bool, str]:
+    """Whether this rank trains in bf16, and the one line that says which precision and why.
+
+    train.bf16 is kept on a GPU and on a CPU with native bf16; a CPU without it would emulate every
+    bf16 matmul (many times slower than fp32, and DeepSpeed keeps fp32 master weights anyway), so
+    there the run trains in fp32 instead of failing. model.dtype (sampling, reference pass, export)
+    is not changed: torch runs bf16 inference on any CPU, only slower."""
+    if not tc.bf16:
+        return False, "precision: fp32 (train.bf16 false)"
+    if use_gpu:
+        return True, "precision: bf16 (GPU)"
+    native = cpu_bf16_flags()
+    if native:
+        return True, f"precision: bf16 (CPU with native bf16: {', '.join(native)})"
+    return False, (f"precision: fp32 fallback: train.bf16 is true but this CPU has no native bf16 "
+                   f"({' / '.join(BF16_CPU_FLAGS)} not in /proc/cpuinfo)")
 
 
 def reference_config(tc: TrainConfig, world_size: int) -> dict:

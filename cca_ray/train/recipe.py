@@ -34,6 +34,7 @@ from cca_ray.loss import finalize_metrics, objective_loss
 from cca_ray.telemetry import TrainMetrics
 from cca_ray.train.engine import (  # noqa: F401 (re-exported: tests and benchmarks import them from here)
     deepspeed_config,
+    effective_bf16,
     knob_spec,
     local_process_group,
     lr_factor,
@@ -110,6 +111,7 @@ class Trainer:
         self.fingerprint = 0
         self.resumed_from = 0
         self.ref_engine = None
+        self.precision = ""  # the line saying bf16 or fp32 and why (engine.effective_bf16), set in setup()
         self.knob = None  # the policy's KnobSpec (λ-conditioned CCA, GFT), set in setup()
         self._grad_norm = float("nan")
         self._perm: tuple[int, Any] = (-1, None)
@@ -130,8 +132,11 @@ class Trainer:
     def setup(self, resume_dir: str | Path | None = None) -> Trainer:
         import deepspeed
 
-        tc = self.tc
-        use_gpu = tc.use_gpu and torch.cuda.is_available()
+        use_gpu = self.tc.use_gpu and torch.cuda.is_available()
+        bf16, self.precision = effective_bf16(self.tc, use_gpu)
+        self.tc = tc = self.tc.model_copy(update={"bf16": bf16})  # the CPU fallback: see effective_bf16
+        if self.rank == 0 and self.mlflow is not None:
+            tracking.set_tags(*self.mlflow, {"precision": self.precision})
         quiet_deepspeed(use_gpu)
         torch.manual_seed(tc.seed)
         ds_config = deepspeed_config(tc, self.world_size)
