@@ -253,6 +253,8 @@ class EvalConfig(_Section):
     kid_subset_size: int = Field(100, gt=1)
     prc_neighborhood: int = Field(3, gt=0)
     workers: int = Field(2, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs each evaluation sampling task holds (0: CPU "
+                                   "tasks); the tasks load the model in model.dtype")
     seed: int = Field(1234, description="image i of the final evaluation uses seed + i")
     # ASHA selects on the proxy; the reported table must not reuse its samples: other seeds, other real images
     proxy_seed: int = Field(1_000_000, description="image i of the FID proxy uses proxy_seed + i "

@@ -25,7 +25,7 @@ SIZE_AND_PATH_FIELDS = {
     "train.cpus_per_worker", "train.checkpoint_every", "train.log_every",
     "sample.batch_size",
     "eval.inception_weights", "eval.num_samples", "eval.proxy_num_samples", "eval.proxy_reference_size",
-    "eval.kid_subset_size", "eval.workers", "eval.cfg_scales",
+    "eval.kid_subset_size", "eval.workers", "eval.gpus_per_worker", "eval.cfg_scales",
     "tune.num_trials", "tune.report_every", "tune.baselines",
     "serve.num_gpus", "serve.num_cpus", "serve.max_n", "serve.max_batch_size",
 }

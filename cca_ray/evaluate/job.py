@@ -131,7 +131,8 @@ def evaluate_model(
     in-process `model`) and score them.
     cca_lambda / guidance_beta: the sampling-time knob of a λ-conditioned CCA / GFT model.
     seed: image i uses seed + i (default eval.seed; the FID proxy passes eval.proxy_seed).
-    task_gpus: sample model_path only in Ray tasks of that many GPUs each (sampling.sample_parallel).
+    task_gpus: sample model_path only in Ray tasks of that many GPUs each (sampling.sample_parallel; default
+    eval.gpus_per_worker when it is set). model_path is loaded in model.dtype (bf16 at real scale).
 
     Returns (metrics dict with fid, isc_mean, kid_mean, precision, recall, n, ..., and accuracy where the
     data has labels and the extractor a classifier head; images).
@@ -150,8 +151,11 @@ def evaluate_model(
 
         images = sample_local(model, load_tokenizer(setup.tokenizer_dir), conds, **kw)
     else:
+        if task_gpus is None and cfg.eval.gpus_per_worker:
+            task_gpus = cfg.eval.gpus_per_worker  # GPU tasks (a real-scale model is not sampled on CPUs)
         images = sample_parallel(model_path, setup.tokenizer_dir, conds, workers=cfg.eval.workers,
-                                 load_options=loader_options(cfg.model, model_path), task_gpus=task_gpus, **kw)
+                                 load_options=loader_options(cfg.model, model_path), task_gpus=task_gpus,
+                                 dtype=cfg.model.dtype, **kw)
     if cfg.eval.image_size:
         from cca_ray.evaluate.reference_stats import resize_images
 

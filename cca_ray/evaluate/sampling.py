@@ -68,11 +68,11 @@ def sample_local(
 
 
 def _sample_chunk(model_path: str, tokenizer_dir: str, conds: list, first_index: int, kw: dict,
-                  load_options: dict | None = None, device: str = "cpu") -> np.ndarray:
+                  load_options: dict | None = None, device: str = "cpu", dtype: str = "float32") -> np.ndarray:
     from cca_ray.models import load_model
     from cca_ray.tokenizers import load_tokenizer
 
-    model = load_model(model_path, **(load_options or {}), device=device)
+    model = load_model(model_path, **(load_options or {}), device=device, dtype=dtype)
     model.module.eval()
     return sample_local(model, load_tokenizer(tokenizer_dir), conds, first_index=first_index, **kw)
 
@@ -86,16 +86,18 @@ def sample_parallel(
     cpus_per_worker: float = 1.0,
     load_options: dict | None = None,
     task_gpus: float | None = None,
+    dtype: str = "float32",
     **kw,
 ) -> np.ndarray:
     """Split the condition list over `workers` Ray tasks; same images as sample_local for the same seed.
     load_options: load_model's options for model_path (cca_ray.models.loader_options; a released file needs them).
     task_gpus: None samples one chunk in this process; a number always uses Ray tasks, each holding that many
-    GPUs (0: CPU tasks), for a caller that must not load the model itself (a training rank: the FID proxy)."""
+    GPUs (0: CPU tasks), for a caller that must not load the model itself (a training rank: the FID proxy).
+    dtype: what the model is loaded in ("bfloat16" halves a real-scale model's memory and runs GPU matmuls in bf16)."""
     import ray
 
     if task_gpus is None and (workers <= 1 or len(conds) < 2):
-        return _sample_chunk(str(model_path), str(tokenizer_dir), list(conds), 0, kw, load_options)
+        return _sample_chunk(str(model_path), str(tokenizer_dir), list(conds), 0, kw, load_options, dtype=dtype)
     device = "cuda" if task_gpus else "cpu"
     workers = max(1, min(workers, len(conds)))
     # "DEFAULT": never inside the caller's placement group; from a Train worker (the FID proxy) that group's
@@ -103,7 +105,7 @@ def sample_parallel(
     task = ray.remote(num_cpus=cpus_per_worker, num_gpus=task_gpus or 0, scheduling_strategy="DEFAULT")(_sample_chunk)
     bounds = np.linspace(0, len(conds), workers + 1).astype(int)
     refs = [
-        task.remote(str(model_path), str(tokenizer_dir), list(conds[a:b]), int(a), kw, load_options, device)
+        task.remote(str(model_path), str(tokenizer_dir), list(conds[a:b]), int(a), kw, load_options, device, dtype)
         for a, b in zip(bounds[:-1], bounds[1:])
         if b > a
     ]
