@@ -405,7 +405,8 @@ def test_queue_bound_and_timeout(app):
     cfg, url = app
     tight = cfg.model_copy(deep=True)
     tight.serve.max_ongoing_requests, tight.serve.max_queued_requests = 1, 1
-    tight.serve.request_timeout_s, tight.serve.batch_wait_timeout_s = 0.5, 2.0  # a lone request waits, then times out
+    # a lone request waits for a batch far longer than its timeout (a queued one enters up to ~1 s later), then times out
+    tight.serve.request_timeout_s, tight.serve.batch_wait_timeout_s = 0.5, 5.0
     tight.serve.log_images_to_mlflow = False
     serve.run(build_app(tight, cfg.root / "model"), name="cca-ray-tight", route_prefix="/tight")
     try:

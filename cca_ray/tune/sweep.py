@@ -244,7 +244,9 @@ def run_asha(cfg: Config, setup: EvalSetup, space: dict, sweep_dir: Path, parent
     )
     with _sigint_stops_the_sweep():
         grid = tuner.fit()
-    if cfg.tune.max_concurrent_trials == 1:  # the last trial ASHA stopped may have left its workers' group
+    # the last trial ASHA stopped may have left its workers' group; after Ctrl-C every trial is stopped, so any
+    # group of the trial-worker shape is an orphan whatever tune.max_concurrent_trials is
+    if cfg.tune.max_concurrent_trials == 1 or was_interrupted():
         free_orphan_placement_groups(cfg.train.cpus_per_worker - TRIAL_CPU / cfg.train.num_workers)
     return grid, trials_dir
 
