@@ -47,7 +47,8 @@ def free_orphan_placement_groups(bundle_cpu: float) -> int:
     Ray Train's own PlacementGroupCleaner does this, but it gives up when it cannot reach the state
     API (seen with more than one Ray instance on a machine), and the next trial then waits forever
     for CPUs. Call it only when one trial runs at a time: then no live trial owns a placement group
-    of the trial-worker shape, so every such group is an orphan. Returns how many were freed.
+    of the trial-worker shape, so every such group is an orphan, created or still pending (a pending
+    one would take the CPUs once they free up). Returns how many were freed.
     """
     import ray
     from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
@@ -55,12 +56,44 @@ def free_orphan_placement_groups(bundle_cpu: float) -> int:
     removed = 0
     for pg_id, info in placement_group_table().items():
         bundles = list(info.get("bundles", {}).values())
-        if info.get("state") == "CREATED" and bundles and all(b.get("CPU") == bundle_cpu for b in bundles):
+        if (info.get("state") in ("CREATED", "PENDING", "RESCHEDULING") and bundles
+                and all(b.get("CPU") == bundle_cpu for b in bundles)):
             remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(pg_id)))
             removed += 1
     if removed:
         print(f"freed {removed} placement group(s) left by stopped trials", flush=True)
     return removed
+
+
+def wait_for_train_controllers_to_exit(timeout_s: float = 30.0) -> bool:
+    """Wait (bounded) until no Ray Train controller actor of this job is alive; True if none is.
+
+    After Ctrl-C, Tune returns once it stopped the trials, but each trial's Train controller dies with
+    its owner a little later, asynchronously, and meanwhile may still register its workers' placement
+    group. The GCS marks a job's placement groups "creator job dead" once, when the job ends, and
+    removes a group only when both its creator job and creator actor are dead (gcs_placement_group_
+    manager.cc, Ray 2.60): a group registered after the job ended is never removed and holds its CPUs
+    for good. So the job waits here before it frees the orphans and exits. Uses the state API (the
+    dashboard); without it, returns False after one try.
+    """
+    import time
+
+    import ray
+    from ray.util.state import list_actors
+
+    job = ray.get_runtime_context().get_job_id()
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            alive = list_actors(filters=[("class_name", "=", "TrainController"), ("job_id", "=", job),
+                                         ("state", "!=", "DEAD")], raise_on_missing_output=False)
+        except Exception:  # no state API: the caller frees what it can see
+            return False
+        if not alive:
+            return True
+        if time.time() > deadline:
+            return False
+        time.sleep(0.5)
 
 
 def is_worker_start_timeout(e: BaseException) -> bool:

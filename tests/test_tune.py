@@ -76,6 +76,21 @@ def _wait_for(cond, proc, timeout: float, what: str) -> None:
         time.sleep(1)
 
 
+def _created_groups() -> list[dict]:
+    """The cluster's CREATED placement groups, each with its bundles, creator job and whether that job ended."""
+    from ray.util.placement_group import placement_group_table
+    from ray.util.state import list_jobs, list_placement_groups
+
+    created = {k for k, pg in placement_group_table().items() if pg["state"] == "CREATED"}
+    if not created:
+        return []
+    jobs = {j.job_id: j.status for j in list_jobs(raise_on_missing_output=False) if j.job_id}
+    return [{"id": pg.placement_group_id, "bundles": pg.bundles, "detached": pg.is_detached,
+             "job": pg.creator_job_id, "job_status": jobs.get(pg.creator_job_id), "stats": pg.stats}
+            for pg in list_placement_groups(detail=True, raise_on_missing_output=False)
+            if pg.placement_group_id in created]
+
+
 @pytest.mark.e2e
 def test_smoke_main_job_from_an_empty_dir_interrupted_and_resumed(ray_local, tmp_path):
     """README's command, literally, from an empty directory (the default ./cca_work): SIGINT while the ASHA
@@ -101,12 +116,11 @@ def test_smoke_main_job_from_an_empty_dir_interrupted_and_resumed(ray_local, tmp
     first = (tmp_path / "first.log").read_text()
     assert rc == 130 and "interrupted; rerun the same command" in first, first[-3000:]
     print(f"SIGINT -> exit in {time.time() - t_int:.1f} s")
-    from ray.util.placement_group import placement_group_table
-
     deadline = time.time() + 30  # nothing left holding the cluster's CPUs
-    while any(pg["state"] == "CREATED" for pg in placement_group_table().values()) and time.time() < deadline:
+    while _created_groups() and time.time() < deadline:
         time.sleep(1)
-    assert not any(pg["state"] == "CREATED" for pg in placement_group_table().values())
+    left = _created_groups()
+    assert not left, f"placement groups left after Ctrl-C: {left}\n{first[-3000:]}"
     baseline_marker = sweep / "cfg_baseline.step.json"
     baseline_mtime = baseline_marker.stat().st_mtime
     finished_ckpts = {n: sorted(p.name for p in (sweep / "trials" / n).glob("checkpoint_*")) for n in first_done}

@@ -25,7 +25,7 @@ from cca_ray.steps import step_key
 from cca_ray.evaluate.job import EvalSetup, evaluate_model
 from cca_ray.models import is_checkpoint
 from cca_ray.tune_spaces import SPACE_DIR
-from cca_ray.workarounds import free_orphan_placement_groups
+from cca_ray.workarounds import free_orphan_placement_groups, wait_for_train_controllers_to_exit
 
 DISTS = {"loguniform", "uniform", "choice"}
 TRIAL_CPU = 0.01  # Tune refuses 0; the trial function only waits on its TorchTrainer
@@ -245,7 +245,10 @@ def run_asha(cfg: Config, setup: EvalSetup, space: dict, sweep_dir: Path, parent
     with _sigint_stops_the_sweep():
         grid = tuner.fit()
     # the last trial ASHA stopped may have left its workers' group; after Ctrl-C every trial is stopped, so any
-    # group of the trial-worker shape is an orphan whatever tune.max_concurrent_trials is
+    # group of the trial-worker shape is an orphan whatever tune.max_concurrent_trials is, once the stopped
+    # trials' Train controllers are gone (one still dying may register a group: workarounds.py says why it stays)
+    if was_interrupted():
+        wait_for_train_controllers_to_exit()
     if cfg.tune.max_concurrent_trials == 1 or was_interrupted():
         free_orphan_placement_groups(cfg.train.cpus_per_worker - TRIAL_CPU / cfg.train.num_workers)
     return grid, trials_dir
