@@ -63,6 +63,7 @@ def test_emu3_sim_trains_with_the_real_presets_engine_settings(sim_run):
         assert p["model.gradient_checkpointing"] == "True" and p["train.bf16"] == "True"
         precision = run.data.tags["precision"]
         assert precision.startswith("precision: bf16" if cpu_bf16_flags() else "precision: fp32 fallback"), precision
+        assert run.data.tags["weights_loading"].startswith("weights loaded partitioned"), run.data.tags
         if "data_loading" in TrainConfig.model_fields:  # streamed per-rank shards, where the trainer has them
             assert p["train.data_loading"] == cfg.train.data_loading == "stream"
     assert (cfg.data_dir / "pairs_ref").is_dir()

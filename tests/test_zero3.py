@@ -93,6 +93,28 @@ def test_proxy_at_checkpoint_steps_equals_the_proxy_of_the_export(prepared, run)
     assert abs(again["fid"] - m["fid_proxy"]) < 1e-6, (again["fid"], m["fid_proxy"])
 
 
+def test_partitioned_loading_holds_the_checkpoint_weights(prepared, tmp_path):
+    """2 ZeRO-3 workers load the base model partitioned (rank 0 alone reads it, each rank keeps its slice).
+    One step at lr 1e-30 moves no weight by more than 1e-30, so the ranks' export must equal the base model:
+    a parameter left unfilled, or filled from the wrong slice, would show."""
+    from cca_ray import tracking
+
+    overrides = [o for o in OVERRIDES if not o.startswith(("train.max_steps", "train.checkpoint_every"))]
+    overrides += ["train.max_steps=1", "train.checkpoint_every=1", "train.lr=1e-30", "train.warmup_steps=0"]
+    code = RUN.replace("extra_report_fn=FidProxy(proxy_setup(eval_setup(cfg))),", "")
+    code = code.replace('run_name="zero3"', 'run_name="zero3-load"')
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(overrides), str(prepared.root)],
+                          capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    res = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[len("RESULT "):])
+    tags = tracking.client(prepared.mlflow_uri).get_run(res["run_id"]).data.tags
+    assert tags["weights_loading"].startswith("weights loaded partitioned"), tags
+    ours, base = _weights(res["export"]), _weights(prepared.base_model_dir)
+    assert ours.keys() == base.keys()
+    for k in ours:  # a step of 1e-30 moves a weight of exactly 0 to about ±1e-30 (bf16 keeps fp32's range)
+        torch.testing.assert_close(ours[k], base[k], rtol=0, atol=1e-20, msg=k)
+
+
 def test_workers_export_equals_the_consolidation_which_stays_the_fallback(prepared, run, tmp_path):
     """The driver keeps the workers' export when it holds the final checkpoint's step; otherwise it
     consolidates the shards (zero_to_fp32), and both agree to bf16 precision."""

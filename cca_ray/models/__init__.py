@@ -31,7 +31,7 @@ SIDECAR = "cca_ray.json"  # written beside every checkpoint we save: the family 
 
 MODEL_FAMILIES: dict[str, dict[str, str]] = {
     "emu3": {"load": "cca_ray.models.emu3:load_emu3", "build_tiny": "cca_ray.models.emu3:build_tiny_from_config",
-             "condition_kind": "prompt"},
+             "condition_kind": "prompt", "builds_without_weights": "yes"},
     "llamagen": {"load": "cca_ray.models.llamagen:load_llamagen",
                  "build_tiny": "cca_ray.models.llamagen:build_tiny_from_config", "condition_kind": "label"},
     "var": {"load": "cca_ray.models.var:load_var", "build_tiny": "cca_ray.models.var:build_tiny_from_config",
@@ -68,15 +68,29 @@ def checkpoint_family(path) -> str | None:
     return json.loads(side.read_text()).get("family") if side.is_file() else None
 
 
-def load_model(path, *, family: str | None = None, device="cpu", dtype=torch.float32, **options) -> ARVisualModel:
+def builds_without_weights(path, family: str | None = None) -> bool:
+    """Whether load_model(path, weights=False) can build the model from its config alone (ZeRO-3
+    partitioned loading, cca_ray.train.gathered.load_partitioned); the other families load whole on each rank."""
+    family = family or checkpoint_family(path) or "emu3"
+    return bool(MODEL_FAMILIES.get(family, {}).get("builds_without_weights"))
+
+
+def load_model(path, *, family: str | None = None, device="cpu", dtype=torch.float32, weights: bool = True,
+               **options) -> ARVisualModel:
     """Load a local checkpoint (a directory we saved, or a family's released file/directory).
 
     The family comes from the checkpoint's sidecar when not given; family-specific options
     (LlamaGen's gpt_model, VAR's depth, ...) are passed through to the family's loader. A knob
-    embedder saved beside the weights (cca_ray.models.knob: knob.pt, knob.json) is attached."""
+    embedder saved beside the weights (cca_ray.models.knob: knob.pt, knob.json) is attached.
+    weights=False (families where builds_without_weights): the same modules, built from the config
+    without reading the weights (their values are whatever initialisation left)."""
     family = family or checkpoint_family(path) or "emu3"
     if isinstance(dtype, str):
         dtype = DTYPES[dtype]
+    if not weights:
+        if not builds_without_weights(path, family):
+            raise ValueError(f"model family '{family}' cannot be built without its weights")
+        options = {**options, "weights": False}
     adapter = _entry(family, "load")(path, device=device, dtype=dtype, **options)
     if Path(path).is_dir():  # a knob-conditioned model (λ-conditioned CCA, GFT) keeps its embedder beside
         from cca_ray.models import knob

@@ -111,9 +111,9 @@ def train_loop_per_worker(config: dict) -> None:
     else:
         trainer.setup()
     if ctx.get_world_rank() == 0:
-        log.info("[%s] %s on %d workers, ZeRO-%d, %s; %d steps of %d rows; %s", section, tc.objective,
+        log.info("[%s] %s on %d workers, ZeRO-%d, %s; %d steps of %d rows; %s; %s", section, tc.objective,
                  ctx.get_world_size(), tc.zero_stage, f"resuming at step {trainer.step}" if resume else "fresh",
-                 trainer.total_steps, trainer.plan.global_batch, trainer.precision)
+                 trainer.total_steps, trainer.plan.global_batch, trainer.precision, trainer.load_mode)
     trainer.train()
     trainer.cleanup()
 

@@ -1,4 +1,8 @@
-"""Exports written by the training ranks themselves, from the weights they hold (no consolidation).
+"""Weights across ZeRO-3 ranks: loaded partitioned, and exported by the ranks themselves (no consolidation).
+
+`load_partitioned`: every rank builds the model from its config under `deepspeed.zero.Init`, so it holds
+only its partition; rank 0 alone reads the weights (one host copy per node, not one per rank) and fills
+each parameter through `GatheredParameters(modifier_rank=0)`, which hands every rank its slice.
 
 Under ZeRO-3 no rank holds the whole model: `export_weights` has every rank enter
 `Trainer.gathered_weights()` (a collective all-gather), rank 0 write the full weights through the
@@ -41,6 +45,57 @@ def export_weights(trainer, out_dir: str | Path) -> Path:
     if dist.is_initialized():
         dist.barrier()
     return Path(out_dir)
+
+
+def load_partitioned(model_dir, load_options: dict, *, dtype: torch.dtype, ds_config: dict, rank: int):
+    """Collective: the adapter of `model_dir` with every parameter a ZeRO-3 partition holding the checkpoint's
+    values. Only rank 0 reads the weights (load_model); the others build the modules from the config alone."""
+    import deepspeed
+
+    from cca_ray.models import knob as knobs, load_model
+
+    if dist.is_initialized():  # deepspeed.comm over the rank's group (zero.Init reads the world size from it)
+        deepspeed.init_distributed(dist_backend=dist.get_backend())
+    with torch.device("meta"):  # every lazy import first (torch._dynamo's fails inside zero.Init's patching)
+        load_model(model_dir, **load_options, dtype=dtype, weights=False)
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
+        adapter = load_model(model_dir, **load_options, device="cpu", dtype=dtype, weights=False)
+    if Path(model_dir).is_dir():
+        knobs.load(adapter.module, model_dir)  # a knob model's small embedder: read on every rank (replicated)
+    full = load_model(model_dir, **load_options, device="cpu", dtype=dtype) if rank == 0 else None
+    params = dict(full.module.named_parameters()) if full is not None else {}
+    buffers = dict(full.module.named_buffers()) if full is not None else {}
+    if full is not None:
+        ours = {n for n, _ in adapter.module.named_parameters()}
+        if ours != params.keys():
+            raise RuntimeError(f"{model_dir}: the model built from its config has other parameters than the loaded "
+                               f"one (only built: {sorted(ours - params.keys())[:5]}, only loaded: "
+                               f"{sorted(params.keys() - ours)[:5]})")
+        del full  # rank 0 frees the host copy tensor by tensor below (params/buffers hold the last references)
+    for name, p in adapter.module.named_parameters():
+        src = params.pop(name, None)
+        if hasattr(p, "ds_id"):
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                if rank == 0:
+                    p.data.copy_(src)
+        else:
+            _broadcast_into(p.data, src, rank)
+    for name, b in adapter.module.named_buffers():
+        _broadcast_into(b, buffers.get(name), rank)
+    return adapter
+
+
+def _broadcast_into(dst: torch.Tensor, src: torch.Tensor | None, rank: int) -> None:
+    """dst on every rank := rank 0's src (a replicated tensor: a buffer, a parameter outside zero.Init)."""
+    with torch.no_grad():
+        if rank == 0:
+            dst.copy_(src)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dev = _object_device()
+            t = dst.to(dev) if dev is not None else dst
+            dist.broadcast(t, src=0)
+            if t is not dst:
+                dst.copy_(t)
 
 
 def holds_full_precision(trainer) -> bool:

@@ -111,6 +111,7 @@ class Trainer:
         self.fingerprint = 0
         self.resumed_from = 0
         self.ref_engine = None
+        self.load_mode = ""  # how the starting weights reached the ranks (set in setup())
         self.precision = ""  # the line saying bf16 or fp32 and why (engine.effective_bf16), set in setup()
         self.knob = None  # the policy's KnobSpec (λ-conditioned CCA, GFT), set in setup()
         self._grad_norm = float("nan")
@@ -120,14 +121,22 @@ class Trainer:
         self.mlflow_logged_upto = -1
 
     # -- setup ---------------------------------------------------------------------------
-    def _load(self):
-        """The starting weights on CPU; deepspeed.initialize moves them to the device (and partitions them under
-        ZeRO-3). bf16 runs load bf16 weights: DeepSpeed casts the module to bf16 before it builds its fp32
-        master copy anyway, and it halves the host memory each rank needs while loading."""
-        from cca_ray.models import load_model, loader_options
+    def _load(self, ds_config: dict):
+        """The starting weights. ZeRO-3 with several ranks (families that build from their config): loaded
+        partitioned, rank 0 alone reading the weights (cca_ray.train.gathered.load_partitioned). Otherwise
+        whole on CPU on each rank; deepspeed.initialize moves them to the device (and partitions them).
+        bf16 runs load bf16 weights: DeepSpeed casts the module to bf16 before it builds its fp32 master
+        copy anyway, and it halves the host memory while loading."""
+        from cca_ray.models import builds_without_weights, load_model, loader_options
 
-        return load_model(self.model_dir, **loader_options(self.cfg.model, self.model_dir), device="cpu",
-                          dtype=torch.bfloat16 if self.tc.bf16 else torch.float32)
+        options = loader_options(self.cfg.model, self.model_dir)
+        dtype = torch.bfloat16 if self.tc.bf16 else torch.float32
+        if self.tc.zero_stage == 3 and self.world_size > 1 and builds_without_weights(self.model_dir,
+                                                                                      options.get("family")):
+            self.load_mode = "weights loaded partitioned (ZeRO-3: rank 0 read them, each rank holds its slice)"
+            return gathered.load_partitioned(self.model_dir, options, dtype=dtype, ds_config=ds_config, rank=self.rank)
+        self.load_mode = "weights loaded whole on each rank"
+        return load_model(self.model_dir, **options, device="cpu", dtype=dtype)
 
     def setup(self, resume_dir: str | Path | None = None) -> Trainer:
         import deepspeed
@@ -140,7 +149,9 @@ class Trainer:
         quiet_deepspeed(use_gpu)
         torch.manual_seed(tc.seed)
         ds_config = deepspeed_config(tc, self.world_size)
-        self.adapter = self._load()
+        self.adapter = self._load(ds_config)
+        if self.rank == 0 and self.mlflow is not None:
+            tracking.set_tags(*self.mlflow, {"weights_loading": self.load_mode})
         module = self.adapter.module
         # Emu3: only the visual rows of lm_head are trained (log-probs read no other row); before the engine exists
         if hasattr(self.adapter, "train_visual_head_only"):
@@ -164,7 +175,7 @@ class Trainer:
             model=module, optimizer=opt, lr_scheduler=sched, config=ds_config)
         self.engine.train()
         if self.online_reference:
-            ref = self._load()
+            ref = self._load(reference_config(tc, self.world_size))
             ref.module.requires_grad_(False)
             if tc.zero_stage == 3:
                 for p in ref.external_parameters():

@@ -15,6 +15,7 @@ are never formed over the image (for Emu3-Gen the visual slice is 32,768 of 184,
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Sequence
@@ -39,6 +40,15 @@ FROZEN_PREFIXES = ("hf.model.vqmodel.",)
 
 def visual_token(k: int) -> str:
     return f"<|visual token {k:06d}|>"
+
+
+def _gathered(param: nn.Parameter):
+    """The whole of `param` inside the block: a ZeRO-3 partition is gathered on every rank (collective)."""
+    if not hasattr(param, "ds_id"):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([param])
 
 
 class Emu3Scorer(nn.Module):
@@ -77,7 +87,8 @@ class Emu3Scorer(nn.Module):
             return True
         if head is self.hf.get_input_embeddings().weight:
             return False
-        self.visual_head = nn.Parameter(head.detach()[self._visual_rows()].clone(), requires_grad=head.requires_grad)
+        with _gathered(head):  # a ZeRO-3 partition (partitioned loading): every rank gathers the rows
+            self.visual_head = nn.Parameter(head.detach()[self._visual_rows()].clone(), requires_grad=head.requires_grad)
         head.requires_grad_(False)
         return True
 
@@ -301,14 +312,25 @@ def disable_dropout(model: nn.Module) -> None:
         cfg.attention_dropout = 0.0
 
 
-def load_emu3(path, *, device="cpu", dtype=torch.float32, max_prompt_tokens: int | None = None) -> Emu3Adapter:
-    from transformers import AutoTokenizer, Emu3ForConditionalGeneration
+def load_emu3(path, *, device="cpu", dtype=torch.float32, max_prompt_tokens: int | None = None,
+              weights: bool = True) -> Emu3Adapter:
+    """A local from_pretrained directory (Emu3-Gen-hf's layout, or one we saved). weights=False builds the
+    same model from its config.json alone, reading no weights file: under deepspeed.zero.Init each rank then
+    holds only its partition, and rank 0 fills it (cca_ray.train.gathered.load_partitioned)."""
+    from transformers import AutoConfig, AutoTokenizer, Emu3ForConditionalGeneration
 
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"no Emu3 checkpoint at {path} (config.json missing); give a local from_pretrained directory")
     side = json.loads((path / SIDECAR).read_text()) if (path / SIDECAR).exists() else {}
-    hf = Emu3ForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device)
+    if weights:
+        hf = Emu3ForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device)
+    else:  # no initialisation either: the values are overwritten, and under zero.Init a rank holds none of them
+        from transformers.initialization import no_init_weights
+
+        with no_init_weights():
+            hf = Emu3ForConditionalGeneration._from_config(AutoConfig.from_pretrained(path), dtype=dtype,
+                                                           attn_implementation="sdpa")
     disable_dropout(hf)
     tok = AutoTokenizer.from_pretrained(path)
     limit = max_prompt_tokens or side.get("max_prompt_tokens", 256)
