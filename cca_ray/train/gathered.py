@@ -62,16 +62,24 @@ def load_partitioned(model_dir, load_options: dict, *, dtype: torch.dtype, ds_co
         adapter = load_model(model_dir, **load_options, device="cpu", dtype=dtype, weights=False)
     if Path(model_dir).is_dir():
         knobs.load(adapter.module, model_dir)  # a knob model's small embedder: read on every rank (replicated)
-    full = load_model(model_dir, **load_options, device="cpu", dtype=dtype) if rank == 0 else None
-    params = dict(full.module.named_parameters()) if full is not None else {}
-    buffers = dict(full.module.named_buffers()) if full is not None else {}
-    if full is not None:
-        ours = {n for n, _ in adapter.module.named_parameters()}
-        if ours != params.keys():
-            raise RuntimeError(f"{model_dir}: the model built from its config has other parameters than the loaded "
-                               f"one (only built: {sorted(ours - params.keys())[:5]}, only loaded: "
-                               f"{sorted(params.keys() - ours)[:5]})")
-        del full  # rank 0 frees the host copy tensor by tensor below (params/buffers hold the last references)
+    params, buffers, problem, error = {}, {}, None, None
+    if rank == 0:
+        try:
+            full = load_model(model_dir, **load_options, device="cpu", dtype=dtype)
+            params, buffers = dict(full.module.named_parameters()), dict(full.module.named_buffers())
+            del full  # rank 0 frees the host copy tensor by tensor below (params/buffers hold the last references)
+            ours = {n for n, _ in adapter.module.named_parameters()}
+            if ours != params.keys():
+                problem = (f"{model_dir}: the model built from its config has other parameters than the loaded one "
+                           f"(only built: {sorted(ours - params.keys())[:5]}, only loaded: "
+                           f"{sorted(params.keys() - ours)[:5]})")
+        except Exception as e:  # noqa: BLE001 (re-raised below, on every rank: the others would wait forever)
+            problem, error = f"{type(e).__name__}: {e}", e
+    problem = broadcast_result(problem, rank)
+    if problem is not None:
+        if error is not None:
+            raise error
+        raise RuntimeError(problem if rank == 0 else f"rank 0 could not load {model_dir}: {problem}")
     for name, p in adapter.module.named_parameters():
         src = params.pop(name, None)
         if hasattr(p, "ds_id"):
