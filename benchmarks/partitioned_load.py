@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -62,9 +60,9 @@ def _rank(rank: int, world: int, port: int, model_dir: str, mode: str, out: str)
     import torch
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from cca_ray.train.engine import local_process_group
+
+    local_process_group(port, rank=rank, world_size=world)
     import deepspeed  # noqa: F401  (imports first: the baseline holds every library, not the model)
     import transformers  # noqa: F401
 
@@ -94,10 +92,9 @@ def _rank(rank: int, world: int, port: int, model_dir: str, mode: str, out: str)
 def _run(world: int, model_dir: str, mode: str, out: str) -> list[dict]:
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_rank, args=(world, port, model_dir, mode, out), nprocs=world, join=True)
+    from cca_ray.train.engine import free_port
+
+    mp.spawn(_rank, args=(world, free_port(), model_dir, mode, out), nprocs=world, join=True)
     return [json.loads(Path(out, f"{mode}-{r}.json").read_text()) for r in range(world)]
 
 

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -143,17 +144,14 @@ def test_workers_export_equals_the_consolidation_which_stays_the_fallback(prepar
 
 def _load_rank(rank: int, port: int, model_dir: str, out: str) -> None:
     """One rank of a 2-process gloo group (as Ray Train sets up): load_partitioned, its outcome to out/<rank>."""
-    import os
     from pathlib import Path
 
     import torch.distributed as dist
 
     from cca_ray.train import gathered
-    from cca_ray.train.engine import quiet_deepspeed
+    from cca_ray.train.engine import local_process_group, quiet_deepspeed
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      LOCAL_RANK=str(rank))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    local_process_group(port, rank=rank, world_size=2)
     quiet_deepspeed(False)
     cfg = {"train_micro_batch_size_per_gpu": 1, "train_batch_size": 2, "zero_optimization": {"stage": 3}}
     try:
@@ -169,22 +167,16 @@ def _load_rank(rank: int, port: int, model_dir: str, out: str) -> None:
 def test_a_checkpoint_rank_0_cannot_read_fails_every_rank_with_its_name(tmp_path):
     """Rank 0 alone reads the weights: when that fails (a truncated weights file), the other ranks, which only
     built their slices from config.json, must fail too, naming the checkpoint, instead of waiting forever."""
-    import socket
-
     import torch.multiprocessing as mp
 
     from cca_ray.models.emu3 import build_tiny_emu3
+    from cca_ray.train.engine import free_port
 
     model = build_tiny_emu3(tmp_path / "model", codebook_size=64, prompts=["a cat"])
     weights = next(model.glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:1000])
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.start_processes(_load_rank, args=(port, str(model), str(tmp_path)), nprocs=2, join=False,
+    ctx = mp.start_processes(_load_rank, args=(free_port(), str(model), str(tmp_path)), nprocs=2, join=False,
                              start_method="spawn")
-    import time
-
     deadline = time.time() + 120
     while not ctx.join(timeout=5):  # True once both ranks exited
         if time.time() > deadline:

@@ -99,17 +99,27 @@ def quiet_deepspeed(use_gpu: bool) -> None:
         skip_deepspeed_shm_build()
 
 
-def local_process_group(port: int | None = None, backend: str = "gloo") -> None:
-    """A one-process group (tests, benchmarks): what Ray Train sets up for each worker."""
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now: the master port of a process group on this machine."""
     import socket
 
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def local_process_group(port: int | None = None, backend: str = "gloo", rank: int = 0, world_size: int = 1) -> None:
+    """A process group on this machine (tests, benchmarks): what Ray Train sets up for each worker. One
+    process by default; with world_size > 1 each of the spawned processes calls it with its rank and the
+    same port."""
     import torch.distributed as dist
 
     if dist.is_initialized():
         return
     if port is None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    dist.init_process_group(backend, rank=0, world_size=1)
+        if world_size > 1:
+            raise ValueError("local_process_group: with world_size > 1 every rank needs the same port")
+        port = free_port()
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    dist.init_process_group(backend, rank=rank, world_size=world_size)
